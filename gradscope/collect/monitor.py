@@ -1,0 +1,684 @@
+"""``Monitor``: attach to a model (and optimizer), collect per-layer statistics while it trains, store them.
+
+The hot path (``step()`` and the hooks) only launches device work and appends to device buffers;
+values reach the host once per flush, in one copy. Per step that is: one batched
+``torch._foreach_norm`` over the gradients, one ``torch.stack`` and one copy into the step buffer,
+plus a single ``sum`` per watched module output (a NaN/Inf sentinel). Full activation statistics
+and ‖Δθ‖ run on their own cadences.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import math
+import os
+import platform
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradscope._version import __version__
+from gradscope.collect import stats
+from gradscope.collect.layout import ModelLayout, describe_optimizer
+from gradscope.errors import InvalidInputError, TrainingFailure
+from gradscope.findings import Finding
+from gradscope.store import schema
+from gradscope.store.run import Run
+from gradscope.store.sqlite import RunWriter
+
+__all__ = ["Monitor", "OnFinding"]
+
+OnFinding = str | Callable[[Finding], Any] | None
+
+
+class _LiveAction(enum.Enum):
+    WARN = "warn"
+    RAISE = "raise"
+    NONE = "none"
+
+
+class Monitor:
+    """Watch a model while it trains and record what backpropagation does to each layer.
+
+    Use it as a context manager around the training loop and call :meth:`step` once per optimizer
+    step, after ``loss.backward()`` (before or just after ``optimizer.step()``)::
+
+        with gradscope.Monitor(model, optimizer=opt, log_dir="runs/exp1") as mon:
+            for x, y in loader:
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+
+    Args:
+        model: any ``nn.Module``.
+        optimizer: the optimizer that updates ``model``. Optional; with it, ‖Δθ‖ is measured exactly
+            around each ``optimizer.step()`` and learning rates are recorded.
+        log_dir: directory to store the run in; ``None`` keeps it in memory only.
+        flush_every: steps between writes to the store. A crash loses at most this many steps.
+        activation_every: sample full activation statistics every this many steps (0: never).
+            10 by default: activations change slowly next to gradients, and sampling keeps the
+            forward-hook cost to a tenth.
+        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). Costs one copy of the
+            parameters in memory.
+        check_outputs: look for NaN/Inf in every watched module's output on every step (one
+            ``sum`` per module), so a non-finite value can be traced to the module that made it.
+        on_finding: what live detection does with a new finding: ``"warn"`` (a Python warning),
+            ``"raise"`` (raise :class:`gradscope.TrainingFailure` on the first error), a callable
+            taking the :class:`Finding`, or ``None`` (no live detection).
+        detect_every: steps between live detector runs (default: every flush).
+        select, ignore: detector codes to run (or skip) live.
+        overwrite: replace a run already in ``log_dir``.
+        strict: raise gradscope's own internal errors into the training loop instead of warning.
+        metadata: anything JSON-serialisable to store with the run (hyperparameters, a name).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        log_dir: str | os.PathLike[str] | None = None,
+        flush_every: int = 50,
+        activation_every: int = 10,
+        update_every: int = 1,
+        check_outputs: bool = True,
+        on_finding: OnFinding = "warn",
+        detect_every: int | None = None,
+        select: Iterable[str] | None = None,
+        ignore: Iterable[str] | None = None,
+        overwrite: bool = False,
+        strict: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            hint = " (a class was given: instantiate it)" if isinstance(model, type) else ""
+            raise InvalidInputError(f"expected model to be a torch.nn.Module but got {type(model).__name__}{hint}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidInputError(
+                f"expected optimizer to be a torch.optim.Optimizer but got {type(optimizer).__name__}; "
+                "pass the optimizer that updates the model, or None"
+            )
+        self.flush_every = _positive_int("flush_every", flush_every, allow_zero=False)
+        self.activation_every = _positive_int("activation_every", activation_every)
+        self.update_every = _positive_int("update_every", update_every)
+        self.detect_every = _positive_int("detect_every", detect_every if detect_every is not None else flush_every, allow_zero=False)
+        self.check_outputs = bool(check_outputs)
+        self.strict = bool(strict)
+        self._live, self._on_finding_callable = _parse_on_finding(on_finding)
+        self._select = list(select) if select is not None else None
+        self._ignore = list(ignore) if ignore is not None else None
+
+        self._layout = layout = ModelLayout.of(model)
+        if not layout.params:
+            raise InvalidInputError(
+                f"expected a model with trainable parameters but {type(model).__name__} has none requiring grad; "
+                "unfreeze some (requires_grad=True) or monitor the model that trains"
+            )
+        not_in_optimizer: list[str] = []
+        if optimizer is not None:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            not_in_optimizer = [n for n, p in zip(layout.param_names, layout.params) if id(p) not in owned]
+            if len(not_in_optimizer) == len(layout.params):
+                raise InvalidInputError(
+                    f"expected an optimizer that owns the model's parameters but {type(optimizer).__name__} holds none of "
+                    f"the {len(layout.params)} trainable parameters of {type(model).__name__}; "
+                    "create the optimizer from model.parameters() of this model"
+                )
+
+        self._model: nn.Module | None = model
+        self._optimizer = optimizer
+        self._params: list[nn.Parameter] = layout.params
+        self._device = layout.params[0].device
+        self._n_params = n_params = len(layout.params)
+        self._n_watched = n_watched = len(layout.watched_names)
+        self._n_groups = len(optimizer.param_groups) if optimizer is not None else 0
+        # Columns of the device step buffer: loss | per-parameter grad norm | param norm | update norm
+        # | output sentinel per watched module and the input batch. Layer-level and run-level values
+        # are derived from these on the host at flush (see _flush_steps).
+        self._c_grad = 1
+        self._c_pnorm = self._c_grad + n_params
+        self._c_upd = self._c_pnorm + n_params
+        self._c_sent = self._c_upd + n_params
+        self._n_dev_cols = self._c_sent + n_watched + 1
+        rows = self.flush_every + 1  # +1: the row of a step whose update lands before it is recorded
+        self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
+        self._host_lr: list[list[Any]] = []
+        self._host_missing = np.zeros((rows, n_params), dtype=bool)
+        # Activation statistics: one row per sampled step, watched modules + input.
+        act_rows = self.flush_every // max(self.activation_every, 1) + 2
+        self._act_buf = torch.full((act_rows, n_watched + 1, len(schema.ACTIVATION_METRICS)), math.nan, device=self._device)
+        self._act_steps: list[int] = []
+        self._bounded = [stats.bounded_kind(m) for m in layout.watched_modules] + [stats.Bounded.NONE]
+        self._act_parts: dict[int, torch.Tensor] = {}
+        self._act_alive: dict[int, torch.Tensor] = {}
+        self._sentinel: dict[int, torch.Tensor] = {}
+        self._call_order: list[int] = []
+        self._zero = torch.zeros((), device=self._device)
+        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot_valid = False
+
+        self._step = 0  # the next step to record
+        self._base = 0  # first step held in the buffers
+        self._recorded_since_opt_step = False
+        self._sampling = self.activation_every > 0
+        self._closed = False
+        self._failed_hooks: set[str] = set()
+        self._live_seen: set[tuple[str, tuple[str, ...]]] = set()
+        self._live_findings: list[Finding] = []
+        self._last_detect = 0
+        self._started = time.time()
+
+        self._writer = RunWriter(log_dir, overwrite=overwrite)
+        self._handles: list[RemovableHandle] = []
+        try:
+            self._write_header(model, optimizer, layout, not_in_optimizer, metadata)
+            self._attach(model, optimizer)
+        except BaseException:
+            self._detach()
+            self._writer.close("failed")
+            raise
+        _open_monitors.add(self)
+
+    # ------------------------------------------------------------------ public API
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Record one optimizer step. Call once per ``optimizer.step()``, after ``backward()``.
+
+        ``loss`` is a scalar tensor or a number (with gradient accumulation: the step's total or mean
+        loss). No device-to-host copy happens here except every ``flush_every`` steps.
+        """
+        if self._closed:
+            raise InvalidInputError("step() called after the Monitor was closed; create a new Monitor for a new run")
+        loss_value = _check_loss(loss)
+        try:
+            self._record_step(loss_value)
+        except Exception as e:  # a gradscope bug must not take the user's training down
+            self._internal_error("step", e)
+
+    def flush(self) -> None:
+        """Write every complete step held in memory to the store now."""
+        if self._closed:
+            return
+        try:
+            self._flush(upto=self._step)
+        except Exception as e:
+            self._internal_error("flush", e)
+
+    @property
+    def run(self) -> Run:
+        """The run recorded so far (flushes first)."""
+        if not self._closed:
+            self.flush()
+        return Run._from_connection(self._writer.conn, self._where, self._writer.log_dir)
+
+    @property
+    def log_dir(self) -> str | None:
+        return str(self._writer.log_dir) if self._writer.log_dir is not None else None
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings raised by live detection so far, in the order they appeared."""
+        return list(self._live_findings)
+
+    @property
+    def steps_recorded(self) -> int:
+        return self._step
+
+    def close(self, *, status: str = "complete") -> None:
+        """Flush, remove every hook, and release the model. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self._flush(upto=self._step)
+            if self._live is not _LiveAction.NONE or self._on_finding_callable is not None:
+                self._detect_live()
+        except Exception as e:
+            self._internal_error("close", e)  # re-raises TrainingFailure and, when strict, everything
+        finally:
+            self._closed = True
+            self._detach()
+            self._writer.set_meta({"steps": self._step, "duration_s": time.time() - self._started})
+            if self._writer.log_dir is not None:
+                self._writer.close(status)
+            else:
+                self._writer.set_meta({"status": status, "ended_at": time.time()})
+            self._model = None
+            self._optimizer = None
+            self._params = []
+            self._snapshot = None
+            _open_monitors.discard(self)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            try:
+                self._writer.add_event("exception", self._step, {"type": type(exc).__name__, "message": str(exc)[:500]})
+            except Exception:
+                pass
+        self.close(status="complete" if exc is None else "failed")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"Monitor({self._where!r}, steps={self._step}, {state})"
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def _where(self) -> str:
+        return str(self._writer.log_dir) if self._writer.log_dir is not None else "memory"
+
+    def _write_header(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        layout: ModelLayout,
+        not_in_optimizer: list[str],
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        self._writer.set_meta(
+            {
+                "gradscope_version": __version__,
+                "torch_version": torch.__version__,
+                "python_version": platform.python_version(),
+                "started_at": self._started,
+                "model_class": type(model).__name__,
+                "modules": layout.modules,
+                "layers": layout.layer_names,
+                "params": layout.param_names,
+                "param_layers": [layout.layer_names[i] for i in layout.param_layer],
+                "param_numels": [p.numel() for p in layout.params],
+                "frozen_params": layout.frozen_params,
+                "params_not_in_optimizer": not_in_optimizer,
+                "watched": layout.watched_names,
+                "optimizer": describe_optimizer(optimizer),
+                "device": str(self._device),
+                "config": {
+                    "flush_every": self.flush_every,
+                    "activation_every": self.activation_every,
+                    "update_every": self.update_every,
+                    "check_outputs": self.check_outputs,
+                },
+                "user": metadata or {},
+            }
+        )
+        run_cols = [(schema.RUN_LAYER, "loss"), (schema.RUN_LAYER, "global_grad_norm")]
+        run_cols += [(schema.RUN_LAYER, f"lr.{g}") for g in range(self._n_groups)]
+        layer_cols = [(layer, metric) for metric in schema.LAYER_METRICS for layer in layout.layer_names]
+        param_cols = [(p, metric) for metric in schema.PARAM_METRICS for p in layout.param_names]
+        sentinel_cols = [(name, schema.OUTPUT_NONFINITE) for name in [*layout.watched_names, schema.INPUT_LAYER]]
+        self._writer.define_stream(schema.STEP_STREAM, run_cols + layer_cols + param_cols + sentinel_cols)
+        act_cols = [
+            (name, metric) for metric in schema.ACTIVATION_METRICS for name in [*layout.watched_names, schema.INPUT_LAYER]
+        ]
+        self._writer.define_stream(schema.FORWARD_STREAM, act_cols)
+
+    def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        for index, module in enumerate(self._layout.watched_modules):
+            self._handles.append(module.register_forward_hook(self._make_output_hook(index)))
+        self._handles.append(model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ hooks (hot path)
+
+    def _make_output_hook(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
+        name = self._layout.watched_names[index]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled() or name in self._failed_hooks:
+                return  # evaluation forwards are not training statistics
+            try:
+                self._observe(index, stats.first_tensor(output))
+            except Exception as e:
+                self._hook_failed(name, e)
+
+        return hook
+
+    def _input_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not torch.is_grad_enabled() or schema.INPUT_LAYER in self._failed_hooks:
+            return
+        try:
+            self._observe(self._n_watched, stats.first_tensor((args, kwargs)))
+        except Exception as e:
+            self._hook_failed(schema.INPUT_LAYER, e)
+
+    def _observe(self, index: int, x: torch.Tensor | None) -> None:
+        if x is None or not stats.is_measurable(x):
+            return
+        if index not in self._sentinel and index < self._n_watched:
+            self._call_order.append(index)
+        x = x.detach()
+        if self.check_outputs:
+            total = x.sum(dtype=torch.float32)  # NaN/Inf anywhere makes the sum non-finite
+            previous = self._sentinel.get(index)
+            self._sentinel[index] = total if previous is None else previous + total
+        elif index not in self._sentinel:
+            self._sentinel[index] = self._zero
+        if self._sampling:
+            parts = stats.activation_parts(x, self._bounded[index])
+            alive = stats.units_alive(x)
+            previous = self._act_parts.get(index)
+            if previous is None:
+                self._act_parts[index] = parts
+                self._act_alive[index] = alive
+            else:
+                self._act_parts[index] = torch.cat(
+                    [previous[: stats.MAX_ABS_PART] + parts[: stats.MAX_ABS_PART],
+                     torch.maximum(previous[stats.MAX_ABS_PART:stats.MAX_ABS_PART + 1], parts[stats.MAX_ABS_PART:stats.MAX_ABS_PART + 1]),
+                     previous[stats.MAX_ABS_PART + 1:] + parts[stats.MAX_ABS_PART + 1:]]
+                )
+                old_alive = self._act_alive.get(index)
+                if old_alive is not None and old_alive.shape == alive.shape:
+                    self._act_alive[index] = old_alive | alive
+                else:
+                    self._act_alive.pop(index, None)  # shapes differ across calls: units are not comparable
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed:
+            return
+        try:
+            target = self._update_target()
+            if self.update_every and target % self.update_every == 0:
+                self._take_snapshot()
+        except Exception as e:
+            self._internal_error("optimizer pre-step hook", e)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed:
+            return
+        try:
+            target = self._update_target()
+            if self._snapshot is not None and self.update_every and target % self.update_every == 0:
+                self._measure_update(target)
+            self._recorded_since_opt_step = False
+        except Exception as e:
+            self._internal_error("optimizer post-step hook", e)
+
+    def _update_target(self) -> int:
+        # The step an optimizer update belongs to: the last recorded one when step() came before
+        # optimizer.step(), or the one about to be recorded when step() comes after it.
+        return self._step - 1 if self._recorded_since_opt_step else self._step
+
+    def _take_snapshot(self) -> None:
+        with torch.no_grad():
+            if self._snapshot is None:
+                self._snapshot = [p.detach().clone() for p in self._params]
+            else:
+                torch._foreach_copy_(self._snapshot, [p.detach() for p in self._params])
+            self._snapshot_valid = True
+
+    def _measure_update(self, target: int) -> None:
+        if not self._snapshot_valid or self._snapshot is None:
+            return
+        row = target - self._base
+        if not 0 <= row < self._buf.shape[0]:
+            return
+        with torch.no_grad():
+            current = [p.detach() for p in self._params]
+            torch._foreach_sub_(self._snapshot, current)  # snapshot now holds -Δθ
+            update = torch._foreach_norm(self._snapshot, 2, dtype=torch.float32)
+            weight = torch._foreach_norm(current, 2, dtype=torch.float32)
+            values = torch.stack([*weight, *update]).to(self._device)
+            self._buf[row, self._c_pnorm : self._c_sent].copy_(values)
+        self._snapshot_valid = False
+
+    def _record_step(self, loss: torch.Tensor | float | None) -> None:
+        step = self._step
+        if step - self._base >= self.flush_every:
+            self._flush(upto=step)
+        row = step - self._base
+        n_params = self._n_params
+        grads = [p.grad for p in self._params]
+        missing = [g is None for g in grads]
+        self._host_missing[row] = missing
+        present = [_dense(g) for g in grads if g is not None]
+        with torch.no_grad():
+            norms = list(torch._foreach_norm(present, 2, dtype=torch.float32)) if present else []
+            if any(missing):
+                it = iter(norms)
+                norms = [self._zero if m else next(it) for m in missing]
+            if isinstance(loss, torch.Tensor):
+                loss_t = loss.detach().reshape(()).float()
+            else:
+                loss_t = torch.full((), math.nan if loss is None else float(loss), device=self._device)
+            sentinel = [self._sentinel.get(i, self._zero) for i in range(self._n_watched + 1)]
+            values = torch.stack([loss_t.to(self._device), *[n.to(self._device) for n in norms], *sentinel])
+            self._buf[row, : self._c_grad + n_params].copy_(values[: 1 + n_params])
+            self._buf[row, self._c_sent :].copy_(values[1 + n_params :])
+            if self._sampling and self._act_parts:
+                self._finish_activations(step)
+        if self._optimizer is not None:
+            self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
+        if self._optimizer is None and self.update_every:
+            # No optimizer hooks: Δθ is measured between consecutive step() calls and belongs to the
+            # previous step.
+            if self._snapshot is not None and step > 0 and (step - 1) % self.update_every == 0:
+                self._measure_update(step - 1)
+            if step % self.update_every == 0:
+                self._take_snapshot()
+        if step == 0:
+            self._record_forward_order()
+        self._sentinel.clear()
+        self._act_parts.clear()
+        self._act_alive.clear()
+        self._step += 1
+        self._recorded_since_opt_step = True
+        self._sampling = self.activation_every > 0 and self._step % self.activation_every == 0
+
+    def _finish_activations(self, step: int) -> None:
+        k = len(self._act_steps)
+        if k >= self._act_buf.shape[0]:
+            return
+        rows = []
+        for index in range(self._n_watched + 1):
+            parts = self._act_parts.get(index)
+            if parts is None:
+                rows.append(torch.full((len(schema.ACTIVATION_METRICS),), math.nan, device=self._device))
+            else:
+                rows.append(stats.finish_activation(parts, self._act_alive.get(index)))
+        self._act_buf[k].copy_(torch.stack(rows))
+        self._act_steps.append(step)
+
+    def _record_forward_order(self) -> None:
+        names = self._layout.watched_names
+        seen = [names[i] for i in self._call_order]
+        order = seen + [n for n in names if n not in set(seen)]
+        position = {n: i for i, n in enumerate(order)}
+        layers = sorted(self._layout.layer_names, key=lambda n: position.get(n, len(order)))
+        self._writer.set_meta({"forward_order": seen, "layers": layers})
+
+    # ------------------------------------------------------------------ flush (one host copy)
+
+    def _flush(self, upto: int) -> None:
+        n = upto - self._base
+        if n <= 0:
+            return
+        host = self._buf[:n].cpu().numpy().astype(np.float64)  # the one device-to-host copy
+        self._writer.append(schema.STEP_STREAM, np.arange(self._base, upto), self._derive_step_columns(host, n))
+        if self._act_steps:
+            act = self._act_buf[: len(self._act_steps)].cpu().numpy()  # (k, watched+1, metrics)
+            act = act.transpose(0, 2, 1).reshape(len(self._act_steps), -1)  # columns: metric-major
+            self._writer.append(schema.FORWARD_STREAM, np.asarray(self._act_steps), act)
+        # Carry over the row of the step being recorded next (its update may already have landed).
+        carry = self._buf[n].clone()
+        self._buf.fill_(math.nan)
+        self._buf[0].copy_(carry)
+        self._act_buf.fill_(math.nan)
+        self._act_steps.clear()
+        self._host_lr = self._host_lr[n:]
+        self._host_missing[0] = self._host_missing[n]
+        self._host_missing[1:] = False
+        self._base = upto
+        if self._live is not _LiveAction.NONE or self._on_finding_callable is not None:
+            if upto - self._last_detect >= self.detect_every:
+                self._detect_live()
+
+    def _derive_step_columns(self, host: np.ndarray, n: int) -> np.ndarray:
+        """Device columns (per parameter) → stored columns (run, per layer, per parameter, sentinel)."""
+        p = self._n_params
+        grad = host[:, self._c_grad : self._c_grad + p]
+        pnorm = host[:, self._c_pnorm : self._c_pnorm + p]
+        upd = host[:, self._c_upd : self._c_upd + p]
+        sentinel = host[:, self._c_sent :]
+        missing = self._host_missing[:n]
+        grad = np.where(missing, 0.0, grad)
+        lr = np.full((n, self._n_groups), math.nan)
+        for i, row in enumerate(self._host_lr[:n]):
+            lr[i] = [float(v) for v in row]  # tensor learning rates are read here, once per flush
+        sq = grad * grad
+        global_norm = np.sqrt(sq.sum(axis=1))
+        n_layers = len(self._layout.layer_names)
+        layer_grad = np.zeros((n, n_layers))
+        layer_pnorm = np.zeros((n, n_layers))
+        layer_upd = np.zeros((n, n_layers))
+        layer_nonfinite = np.zeros((n, n_layers))
+        layer_missing = np.zeros((n, n_layers))
+        param_layer = np.asarray(self._layout.param_layer)
+        for layer in range(n_layers):
+            idx = np.flatnonzero(param_layer == layer)
+            layer_grad[:, layer] = np.sqrt(sq[:, idx].sum(axis=1))
+            layer_pnorm[:, layer] = np.sqrt((pnorm[:, idx] ** 2).sum(axis=1))
+            layer_upd[:, layer] = np.sqrt((upd[:, idx] ** 2).sum(axis=1))
+            layer_nonfinite[:, layer] = (~np.isfinite(grad[:, idx])).sum(axis=1)
+            layer_missing[:, layer] = missing[:, idx].sum(axis=1)
+        with np.errstate(invalid="ignore"):
+            output_nonfinite = (~np.isfinite(sentinel)).astype(np.float64)
+        return np.concatenate(
+            [
+                host[:, :1],
+                global_norm[:, None],
+                lr,
+                layer_grad,
+                layer_pnorm,
+                layer_upd,
+                layer_nonfinite,
+                layer_missing,
+                grad,
+                pnorm,
+                upd,
+                missing.astype(np.float64),
+                output_nonfinite,
+            ],
+            axis=1,
+        )
+
+    # ------------------------------------------------------------------ live detection
+
+    def _detect_live(self) -> None:
+        from gradscope.detect.registry import diagnose_live
+
+        self._last_detect = self._step
+        run = Run._from_connection(self._writer.conn, self._where, self._writer.log_dir)
+        for finding in diagnose_live(run, select=self._select, ignore=self._ignore):
+            key = (finding.code, finding.layers)
+            if key in self._live_seen:
+                continue
+            self._live_seen.add(key)
+            self._live_findings.append(finding)
+            if self._on_finding_callable is not None:
+                self._on_finding_callable(finding)
+            elif self._live is _LiveAction.WARN and finding.severity.rank >= 1:
+                warnings.warn(f"gradscope: {finding}", RuntimeWarning, stacklevel=4)
+            elif self._live is _LiveAction.RAISE and finding.severity.rank >= 2:
+                raise TrainingFailure(finding)
+
+    # ------------------------------------------------------------------ failure handling
+
+    def _hook_failed(self, name: str, error: Exception) -> None:
+        if self.strict:
+            raise error
+        self._failed_hooks.add(name)
+        warnings.warn(
+            f"gradscope: statistics of {name or 'the model'} are skipped from now on: {type(error).__name__}: {error}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _internal_error(self, where: str, error: Exception) -> None:
+        if self.strict or isinstance(error, TrainingFailure):
+            raise error
+        key = f"internal:{where}"
+        if key not in self._failed_hooks:
+            self._failed_hooks.add(key)
+            warnings.warn(
+                f"gradscope: internal error in {where}, training goes on: {type(error).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _positive_int(name: str, value: object, *, allow_zero: bool = True) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        bound = "≥ 0" if allow_zero else "≥ 1"
+        raise InvalidInputError(f"expected {name} to be an integer {bound} but got {value!r}")
+    return value
+
+
+def _parse_on_finding(value: OnFinding) -> tuple[_LiveAction, Callable[[Finding], Any] | None]:
+    if value is None:
+        return _LiveAction.NONE, None
+    if callable(value):
+        return _LiveAction.NONE, value
+    try:
+        return _LiveAction(value), None
+    except ValueError:
+        raise InvalidInputError(
+            f"expected on_finding to be 'warn', 'raise', a callable or None but got {value!r}"
+        ) from None
+
+
+def _check_loss(loss: object) -> torch.Tensor | float | None:
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise InvalidInputError(
+                f"expected a scalar loss but got a tensor of shape {tuple(loss.shape)}; reduce it first (loss.mean())"
+            )
+        return loss
+    if isinstance(loss, (int, float, np.floating, np.integer)) and not isinstance(loss, bool):
+        return float(loss)
+    raise InvalidInputError(f"expected the loss as a scalar tensor or a number but got {type(loss).__name__}")
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    if grad.layout != torch.strided:
+        return grad.coalesce().values() if grad.is_sparse else grad.to_dense()
+    if grad.is_complex():
+        return torch.view_as_real(grad)
+    return grad
+
+
+# Monitors still open at interpreter exit are flushed, so a script that ends (or dies of an uncaught
+# exception) without closing its Monitor keeps every step it recorded.
+_open_monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_monitors() -> None:
+    for monitor in list(_open_monitors):
+        try:
+            monitor.close(status="failed")
+        except Exception:
+            pass

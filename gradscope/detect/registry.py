@@ -1,0 +1,132 @@
+"""``diagnose``: run the registered detectors over a run, isolating failures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from gradscope.detect.base import Detector, detector_classes
+from gradscope.errors import InvalidInputError
+from gradscope.findings import Finding, Severity, sort_findings
+from gradscope.store.run import Run, load
+
+if TYPE_CHECKING:
+    from gradscope.collect.monitor import Monitor
+
+__all__ = ["DETECTOR_ERROR", "Findings", "diagnose", "diagnose_live", "registered_detectors"]
+
+DETECTOR_ERROR = "detector_error"
+_log = logging.getLogger("gradscope")
+
+
+class Findings(list[Finding]):
+    """The findings of one diagnosis, most severe first. A plain list, plus :meth:`summary`."""
+
+    def __init__(self, findings: Iterable[Finding] = (), run: Run | None = None) -> None:
+        super().__init__(sort_findings(list(findings)))
+        self.run = run
+
+    def by_severity(self, at_least: str | Severity) -> list[Finding]:
+        level = Severity.parse(at_least).rank
+        return [f for f in self if f.severity.rank >= level]
+
+    def summary(self) -> str:
+        """A short plain-text report: a verdict line, then one line per finding with its first fix."""
+        counts = {s: sum(1 for f in self if f.severity is s) for s in Severity}
+        if not self:
+            verdict = "healthy: no findings"
+        else:
+            parts = [f"{counts[s]} {s.value}{'s' if counts[s] != 1 else ''}" for s in reversed(list(Severity)) if counts[s]]
+            verdict = "problems found: " + ", ".join(parts)
+        lines = [verdict]
+        for f in self:
+            lines.append(f"  {f}")
+            if f.fixes:
+                lines.append(f"    fix ({f.fixes[0].kind.value}): {f.fixes[0].action}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def registered_detectors() -> dict[str, type[Detector]]:
+    """Every detector known to gradscope, by code."""
+    _load_builtin_detectors()
+    return detector_classes()
+
+
+def diagnose(
+    run: str | os.PathLike[str] | Run | Monitor,
+    *,
+    select: Iterable[str] | None = None,
+    ignore: Iterable[str] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> Findings:
+    """Run the detectors over a run and return their findings, most severe first.
+
+    Args:
+        run: a run directory, a :class:`Run`, or a :class:`Monitor` (diagnosed on what it recorded so far).
+        select: only these detector codes; ``ignore``: skip these codes.
+        config: per-code threshold overrides, e.g. ``{"exploding_loss": {"factor": 100}}``.
+
+    A detector that crashes becomes a ``detector_error`` finding (severity ``info``); the others still report.
+    """
+    from gradscope.collect.monitor import Monitor
+
+    if isinstance(run, Monitor):
+        run = run.run
+    elif not isinstance(run, Run):
+        if not isinstance(run, (str, os.PathLike)):
+            raise InvalidInputError(
+                f"expected a run directory, a gradscope.Run or a gradscope.Monitor but got {type(run).__name__}"
+            )
+        run = load(run)
+    detectors = _select(select, ignore, config or {})
+    findings: list[Finding] = []
+    for detector in detectors:
+        try:
+            findings.extend(detector.run(run))
+        except Exception as e:
+            findings.append(
+                Finding(
+                    code=DETECTOR_ERROR,
+                    severity=Severity.INFO,
+                    step=None,
+                    message=f"the {detector.code} detector failed on this run ({type(e).__name__}: {e}); "
+                    "its verdict is missing, the other detectors still ran. Please report this as a gradscope bug.",
+                    evidence={},
+                    fixes=(),
+                )
+            )
+            _log.debug("detector %s failed:\n%s", detector.code, traceback.format_exc())
+    return Findings(findings, run)
+
+
+def diagnose_live(run: Run, *, select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> Findings:
+    """The diagnosis a Monitor runs during training, on the run recorded so far."""
+    return diagnose(run, select=select, ignore=ignore)
+
+
+def _select(select: Iterable[str] | None, ignore: Iterable[str] | None, config: Mapping[str, Any]) -> list[Detector]:
+    available = registered_detectors()
+    chosen = list(select) if select is not None else list(available)
+    skipped = set(ignore or ())
+    unknown = sorted((set(chosen) | skipped | set(config)) - set(available))
+    if unknown:
+        raise InvalidInputError(
+            f"expected detector codes among {', '.join(sorted(available)) or '(none registered)'} but got {', '.join(unknown)}"
+        )
+    detectors = []
+    for code in chosen:
+        if code in skipped:
+            continue
+        overrides = config.get(code, {})
+        detectors.append(available[code](**overrides))
+    return detectors
+
+
+def _load_builtin_detectors() -> None:
+    import gradscope.detect.rules  # noqa: F401  (defining the classes registers them)

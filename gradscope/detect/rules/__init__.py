@@ -1,0 +1,1 @@
+"""The built-in detectors, one module per fault class. Importing this package registers them."""

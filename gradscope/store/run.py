@@ -1,0 +1,268 @@
+"""``Run``: a recorded run as numpy/pandas series, the only thing detectors and reports see."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradscope.errors import UnreadableRunError
+from gradscope.store import sqlite as db
+from gradscope.store.schema import (
+    FORWARD_STREAM,
+    INPUT_LAYER,
+    RUN_LAYER,
+    STEP_STREAM,
+)
+
+__all__ = ["ModuleInfo", "Run", "load"]
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One module of the monitored model, as recorded at the start of the run."""
+
+    name: str
+    type: str
+    n_params: int  # parameters owned directly (not by children)
+    n_trainable: int
+    is_leaf: bool
+
+
+class Run:
+    """A recorded run: per-step, per-layer series as numpy arrays and pandas frames.
+
+    Obtain one with :func:`gradscope.load`. Steps are optimizer steps numbered from 0.
+
+    - :attr:`steps`, :attr:`loss`, :attr:`grad_norm`, :attr:`lr` are run-level arrays aligned on steps.
+    - :meth:`metric` gives a ``steps × layers`` frame for a per-layer metric (``"grad_norm"``,
+      ``"update_ratio"``, ``"act_dead_frac"``, …); :attr:`layers` lists the modules that own parameters.
+    - :meth:`to_pandas` gives every value in tidy form: ``step, layer, metric, value``.
+    """
+
+    def __init__(
+        self,
+        meta: dict[str, Any],
+        streams: dict[str, tuple[list[tuple[str, str]], db.Chunk]],
+        events: list[dict[str, Any]],
+        path: Path | None = None,
+    ) -> None:
+        self.meta = meta
+        self.path = path
+        self.events = events
+        self._streams = streams
+        self._index: dict[str, tuple[str, list[int], list[str]]] = {}
+        for stream, (columns, _chunk) in streams.items():
+            for col, (layer, metric) in enumerate(columns):
+                _, cols, layers = self._index.setdefault(metric, (stream, [], []))
+                cols.append(col)
+                layers.append(layer)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def _from_connection(
+        cls, conn: sqlite3.Connection, where: str, path: Path | None = None, *, since_step: int | None = None
+    ) -> Run:
+        meta = db.read_meta(conn, where)
+        version = meta.get("schema_version")
+        if not isinstance(version, int):
+            raise UnreadableRunError(f"cannot read run {where!r}: it has no schema version, so it was not written by gradscope")
+        if version > db.SCHEMA_VERSION:
+            raise UnreadableRunError(
+                f"cannot read run {where!r}: it was written with run schema {version} but this gradscope reads up to "
+                f"{db.SCHEMA_VERSION}; upgrade gradscope (pip install -U gradscope)"
+            )
+        try:
+            streams = {}
+            for stream in db.read_streams(conn):
+                columns = db.read_columns(conn, stream)
+                chunk = db.concat_chunks(db.iter_chunks(conn, stream, since_step=since_step), len(columns))
+                if since_step is not None and len(chunk.steps):
+                    keep = chunk.steps >= since_step
+                    chunk = db.Chunk(chunk.steps[keep], chunk.data[keep])
+                streams[stream] = (columns, chunk)
+            events = db.read_events(conn)
+        except (sqlite3.DatabaseError, ValueError) as e:
+            raise UnreadableRunError(f"cannot read run {where!r}: the data is corrupt ({e})") from None
+        return cls(meta, streams, events, path)
+
+    # ------------------------------------------------------------------ run-level facts
+
+    @property
+    def status(self) -> str:
+        """``"complete"``, ``"failed"`` (the training raised), or ``"running"`` (still written, or killed)."""
+        return str(self.meta.get("status", "running"))
+
+    @property
+    def is_partial(self) -> bool:
+        """True when the run did not close cleanly: still being written, or cut short by a crash."""
+        return self.status != "complete"
+
+    @cached_property
+    def steps(self) -> np.ndarray:
+        """Optimizer steps recorded, ``(n_steps,)`` int64."""
+        return self._chunk(STEP_STREAM).steps
+
+    @property
+    def n_steps(self) -> int:
+        return int(len(self.steps))
+
+    @cached_property
+    def modules(self) -> dict[str, ModuleInfo]:
+        """Every module of the model by name, in ``named_modules()`` order."""
+        return {m["name"]: ModuleInfo(**m) for m in self.meta.get("modules", [])}
+
+    @cached_property
+    def layers(self) -> list[str]:
+        """Modules that own trainable parameters, in forward order where it was observed."""
+        return list(self.meta.get("layers", []))
+
+    @cached_property
+    def forward_order(self) -> list[str]:
+        """Leaf modules in the order the first forward pass called them."""
+        return list(self.meta.get("forward_order", []))
+
+    @property
+    def params(self) -> list[str]:
+        """Qualified names of the tracked (trainable) parameters."""
+        return list(self.meta.get("params", []))
+
+    @property
+    def loss(self) -> np.ndarray:
+        return self.scalar("loss")
+
+    @property
+    def grad_norm(self) -> np.ndarray:
+        """Global L2 norm of all gradients at each step."""
+        return self.scalar("global_grad_norm")
+
+    @property
+    def lr(self) -> np.ndarray:
+        """Learning rate of the first param group (NaN when no optimizer was given)."""
+        return self.scalar("lr.0") if "lr.0" in self._index else np.full(self.n_steps, np.nan)
+
+    def scalar(self, metric: str) -> np.ndarray:
+        """A run-level series aligned on :attr:`steps` (``"loss"``, ``"global_grad_norm"``, ``"lr.0"``, …), float64."""
+        frame = self.metric(metric)
+        return frame[RUN_LAYER].to_numpy(dtype=np.float64) if RUN_LAYER in frame else np.full(self.n_steps, np.nan)
+
+    # ------------------------------------------------------------------ per-layer series
+
+    @property
+    def metrics(self) -> list[str]:
+        """Names of every metric this run holds (plus the derived ``update_ratio``)."""
+        names = list(self._index)
+        if "update_norm" in self._index and "weight_norm" in self._index:
+            names.append("update_ratio")
+        return names
+
+    def metric(self, metric: str, layers: Sequence[str] | None = None) -> pd.DataFrame:
+        """A ``steps × layers`` frame of one metric (index: step, columns: layer names).
+
+        Activation metrics (``act_*``) are indexed by the steps on which activations were sampled.
+        ``update_ratio`` is derived as ``update_norm / weight_norm``.
+        """
+        if metric == "update_ratio" and metric not in self._index:
+            upd, par = self.metric("update_norm", layers), self.metric("weight_norm", layers)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return upd / par.where(par > 0)
+        if metric not in self._index:
+            from gradscope.errors import InvalidInputError
+
+            raise InvalidInputError(f"expected one of the run's metrics ({', '.join(sorted(self.metrics))}) but got {metric!r}")
+        stream, cols, names = self._index[metric]
+        chunk = self._chunk(stream)
+        frame = pd.DataFrame(
+            chunk.data[:, cols].astype(np.float64),
+            index=pd.Index(chunk.steps, name="step"),
+            columns=pd.Index(names, name="layer"),
+        )
+        if layers is not None:
+            frame = frame.reindex(columns=list(layers))
+        return frame
+
+    @property
+    def activation_steps(self) -> np.ndarray:
+        return self._chunk(FORWARD_STREAM).steps
+
+    @property
+    def input_layer(self) -> str:
+        """The pseudo-layer name under which statistics of the model's input batch are stored."""
+        return INPUT_LAYER
+
+    # ------------------------------------------------------------------ tidy export
+
+    def to_pandas(self) -> pd.DataFrame:
+        """Every recorded value as a tidy frame with columns ``step, layer, metric, value``.
+
+        Run-level series (loss, global grad norm, learning rates) have ``layer == "(run)"``;
+        statistics of the input batch have ``layer == "(input)"``; per-parameter series use the
+        parameter's qualified name and metrics prefixed ``param_``.
+        """
+        parts = []
+        for columns, chunk in self._streams.values():
+            if not len(chunk.steps):
+                continue
+            n_rows, n_cols = chunk.data.shape
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "step": np.repeat(chunk.steps, n_cols),
+                        "layer": np.tile(np.array([c[0] for c in columns], dtype=object), n_rows),
+                        "metric": np.tile(np.array([c[1] for c in columns], dtype=object), n_rows),
+                        "value": chunk.data.reshape(-1).astype(np.float64),
+                    }
+                )
+            )
+        if "update_ratio" in self.metrics and self.n_steps:
+            ratio = self.metric("update_ratio")
+            long = ratio.stack(future_stack=True).rename("value").reset_index()
+            long["metric"] = "update_ratio"
+            parts.append(long[["step", "layer", "metric", "value"]])
+        if not parts:
+            return pd.DataFrame({"step": [], "layer": [], "metric": [], "value": []}).astype(
+                {"step": "int64", "layer": object, "metric": object, "value": "float64"}
+            )
+        frame = pd.concat(parts, ignore_index=True)
+        frame = frame.dropna(subset=["value"]).sort_values(["step", "metric", "layer"], kind="stable")
+        return frame.reset_index(drop=True)
+
+    def _chunk(self, stream: str) -> db.Chunk:
+        if stream not in self._streams:
+            return db.Chunk(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+        return self._streams[stream][1]
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "memory"
+        return f"Run({where!r}, steps={self.n_steps}, layers={len(self.layers)}, status={self.status!r})"
+
+
+def load(path: str | os.PathLike[str] | Run, *, since_step: int | None = None) -> Run:
+    """Load a run from its directory (the ``log_dir`` given to :class:`gradscope.Monitor`).
+
+    Works on a run still being written by another process and on one cut short by a crash
+    (it then holds everything up to the last flush and :attr:`Run.is_partial` is true).
+    ``since_step`` loads only the steps from that one on (for windowed live checks).
+
+    Raises:
+        RunNotFoundError: the path does not exist or holds no run.
+        UnreadableRunError: the file is empty, corrupt, not a run, or from a newer gradscope.
+    """
+    if isinstance(path, Run):
+        return path
+    conn, db_path = db.connect_for_reading(path)
+    try:
+        run = Run._from_connection(conn, str(path), Path(path), since_step=since_step)
+    finally:
+        conn.close()
+    if "modules" not in run.meta:
+        raise UnreadableRunError(f"cannot read run {str(path)!r}: it holds no model description; the writer died before its first flush")
+    return run
