@@ -75,7 +75,11 @@ class Monitor:
         on_finding: what live detection does with a new finding: ``"warn"`` (a Python warning),
             ``"raise"`` (raise :class:`gradscope.TrainingFailure` on the first error), a callable
             taking the :class:`Finding`, or ``None`` (no live detection).
-        detect_every: steps between live detector runs (default: every flush).
+        detect_every: steps between live detector runs. By default detection runs after a flush
+            whenever it has used under 2% of the wall time since the previous run, so live checks
+            stay nearly free on fast models and frequent on slow ones.
+        live_window: live detection reads the first ``live_window`` steps and the last
+            ``live_window`` steps of the run, never the whole history, so its cost stays constant.
         select, ignore: detector codes to run (or skip) live.
         overwrite: replace a run already in ``log_dir``.
         strict: raise gradscope's own internal errors into the training loop instead of warning.
@@ -94,6 +98,7 @@ class Monitor:
         check_outputs: bool = True,
         on_finding: OnFinding = "warn",
         detect_every: int | None = None,
+        live_window: int = 2000,
         select: Iterable[str] | None = None,
         ignore: Iterable[str] | None = None,
         overwrite: bool = False,
@@ -111,7 +116,8 @@ class Monitor:
         self.flush_every = _positive_int("flush_every", flush_every, allow_zero=False)
         self.activation_every = _positive_int("activation_every", activation_every)
         self.update_every = _positive_int("update_every", update_every)
-        self.detect_every = _positive_int("detect_every", detect_every if detect_every is not None else flush_every, allow_zero=False)
+        self.detect_every = _positive_int("detect_every", detect_every, allow_zero=False) if detect_every is not None else None
+        self.live_window = _positive_int("live_window", live_window, allow_zero=False)
         self.check_outputs = bool(check_outputs)
         self.strict = bool(strict)
         self._live, self._on_finding_callable = _parse_on_finding(on_finding)
@@ -176,6 +182,7 @@ class Monitor:
         self._live_seen: set[tuple[str, tuple[str, ...]]] = set()
         self._live_findings: list[Finding] = []
         self._last_detect = 0
+        self._next_detect_time = 0.0
         self._started = time.time()
 
         self._writer = RunWriter(log_dir, overwrite=overwrite)
@@ -528,7 +535,7 @@ class Monitor:
         self._host_missing[1:] = False
         self._base = upto
         if self._live is not _LiveAction.NONE or self._on_finding_callable is not None:
-            if upto - self._last_detect >= self.detect_every:
+            if self._detection_due(upto):
                 self._detect_live()
 
     def _derive_step_columns(self, host: np.ndarray, n: int) -> np.ndarray:
@@ -582,12 +589,31 @@ class Monitor:
 
     # ------------------------------------------------------------------ live detection
 
+    def _detection_due(self, step: int) -> bool:
+        if self.detect_every is not None:
+            return step - self._last_detect >= self.detect_every
+        return time.perf_counter() >= self._next_detect_time
+
     def _detect_live(self) -> None:
         from gradscope.detect.registry import diagnose_live
 
+        started = time.perf_counter()
         self._last_detect = self._step
-        run = Run._from_connection(self._writer.conn, self._where, self._writer.log_dir)
-        for finding in diagnose_live(run, select=self._select, ignore=self._ignore):
+        run = Run._from_connection(
+            self._writer.conn,
+            self._where,
+            self._writer.log_dir,
+            head_steps=self.live_window,
+            since_step=max(0, self._step - self.live_window),
+        )
+        try:
+            self._report_live(diagnose_live(run, select=self._select, ignore=self._ignore))
+        finally:
+            # Budget: detection may use 2% of wall time, so the next run waits 49× this one's cost.
+            self._next_detect_time = time.perf_counter() + 49 * (time.perf_counter() - started)
+
+    def _report_live(self, findings: Iterable[Finding]) -> None:
+        for finding in findings:
             key = (finding.code, finding.layers)
             if key in self._live_seen:
                 continue

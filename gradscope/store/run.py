@@ -69,7 +69,13 @@ class Run:
 
     @classmethod
     def _from_connection(
-        cls, conn: sqlite3.Connection, where: str, path: Path | None = None, *, since_step: int | None = None
+        cls,
+        conn: sqlite3.Connection,
+        where: str,
+        path: Path | None = None,
+        *,
+        since_step: int | None = None,
+        head_steps: int = 0,
     ) -> Run:
         meta = db.read_meta(conn, where)
         version = meta.get("schema_version")
@@ -84,9 +90,10 @@ class Run:
             streams = {}
             for stream in db.read_streams(conn):
                 columns = db.read_columns(conn, stream)
-                chunk = db.concat_chunks(db.iter_chunks(conn, stream, since_step=since_step), len(columns))
+                chunks = db.iter_chunks(conn, stream, since_step=since_step, head_steps=head_steps)
+                chunk = db.concat_chunks(chunks, len(columns))
                 if since_step is not None and len(chunk.steps):
-                    keep = chunk.steps >= since_step
+                    keep = (chunk.steps >= since_step) | (chunk.steps < head_steps)
                     chunk = db.Chunk(chunk.steps[keep], chunk.data[keep])
                 streams[stream] = (columns, chunk)
             events = db.read_events(conn)

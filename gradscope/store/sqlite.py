@@ -215,12 +215,16 @@ def read_streams(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in conn.execute("SELECT DISTINCT stream FROM columns ORDER BY stream")]
 
 
-def iter_chunks(conn: sqlite3.Connection, stream: str, *, since_step: int | None = None) -> Iterator[Chunk]:
+def iter_chunks(
+    conn: sqlite3.Connection, stream: str, *, since_step: int | None = None, head_steps: int = 0
+) -> Iterator[Chunk]:
+    """The chunks of a stream in write order; with ``since_step``, only those holding steps from
+    ``since_step`` on or before ``head_steps``."""
     query = "SELECT n_rows, n_cols, steps, data FROM chunks WHERE stream = ?"
     args: list[Any] = [stream]
     if since_step is not None:
-        query += " AND last_step >= ?"
-        args.append(since_step)
+        query += " AND (last_step >= ? OR first_step < ?)"
+        args += [since_step, head_steps]
     for n_rows, n_cols, steps, data in conn.execute(query + " ORDER BY id", args):
         yield Chunk(
             steps=np.frombuffer(steps, dtype="<i8").astype(np.int64),
