@@ -23,7 +23,7 @@ def test_trace_reports_prediction_loss_and_gradients_like_torch() -> None:
     logits = model(x)
     expected_loss = nn.functional.cross_entropy(logits, y)
     expected_loss.backward()
-    probs = logits.softmax(-1)[0]
+    probs = logits.detach().softmax(-1)[0]
     assert trace.loss == pytest.approx(float(expected_loss.detach()), rel=1e-6)
     assert trace.prediction == int(probs.argmax())
     assert trace.confidence == pytest.approx(float(probs.max()), rel=1e-6)
