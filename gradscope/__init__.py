@@ -2,11 +2,19 @@
 
 Attach a :class:`Monitor` to any ``nn.Module``; it records per-layer gradient, update and activation
 statistics into a run store; :func:`diagnose` reads a run and returns :class:`Finding`s with
-concrete :class:`Fix`es.
+concrete :class:`Fix`es; :func:`report` renders a run as one HTML page.
+
+Reading, diagnosing and reporting a run never import torch, so ``gradscope check`` starts fast and
+runs on machines without it; the names that need torch (``Monitor``, ``trace_step``) load on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from gradscope._version import __version__
-from gradscope.collect.monitor import Monitor
+from gradscope.checks import assert_healthy
 from gradscope.detect.base import Detector
 from gradscope.detect.registry import Findings, diagnose, registered_detectors
 from gradscope.errors import (
@@ -18,7 +26,12 @@ from gradscope.errors import (
     UnsupportedSetupError,
 )
 from gradscope.findings import Finding, Fix, FixKind, Severity
+from gradscope.reporting import report
 from gradscope.store.run import ModuleInfo, Run, load
+
+if TYPE_CHECKING:
+    from gradscope.collect.monitor import Monitor
+    from gradscope.trace import StepTrace, trace_step
 
 __all__ = [
     "Detector",
@@ -33,11 +46,34 @@ __all__ = [
     "Run",
     "RunNotFoundError",
     "Severity",
+    "StepTrace",
     "TrainingFailure",
     "UnreadableRunError",
     "UnsupportedSetupError",
     "__version__",
+    "assert_healthy",
     "diagnose",
     "load",
     "registered_detectors",
+    "report",
+    "trace_step",
 ]
+
+# Names whose modules import torch, loaded on first access (PEP 562).
+_LAZY = {
+    "Monitor": "gradscope.collect.monitor",
+    "StepTrace": "gradscope.trace",
+    "trace_step": "gradscope.trace",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gradscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -58,7 +58,7 @@ def run_demo(
     out: Path, *, steps: int = 400, batch_size: int = 64, seed: int = 0, stream: TextIO = sys.stdout, progress: TextIO | None = None
 ) -> dict[str, Findings]:
     """Train every demo configuration into ``out/<name>/run`` and write ``out/<name>/report.html``."""
-    from gradscope.report import report
+    from gradscope.reporting import report
 
     torch.manual_seed(seed)
     images, labels = load_digits(size=28)

@@ -119,12 +119,12 @@ def synthetic_run(
     act_columns: list[tuple[str, str]] = []
     act_values: list[np.ndarray] = []
     for metric in schema.ACTIVATION_METRICS:
-        given = (activations or {}).get(metric, {})
+        given: Mapping[str, ArrayLike] = (activations or {}).get(metric, {})
         for name in [*watched, schema.INPUT_LAYER]:
             act_columns.append((name, metric))
-            series = given.get(name)
-            arr = np.full(len(act_steps), np.nan) if series is None else np.broadcast_to(
-                np.asarray(series, dtype=np.float64), (len(act_steps),)
+            sampled = given.get(name)
+            arr = np.full(len(act_steps), np.nan) if sampled is None else np.broadcast_to(
+                np.asarray(sampled, dtype=np.float64), (len(act_steps),)
             )
             act_values.append(np.asarray(arr))
     act_chunk = Chunk(act_steps, np.stack(act_values, axis=1).astype(np.float32))

@@ -146,7 +146,7 @@ def _copy_optimizer(
 ) -> torch.optim.Optimizer:
     if optimizer is None:
         return torch.optim.SGD([p for p in shadow.parameters() if p.requires_grad], lr=lr)
-    mapping = {id(p): q for p, q in zip(model.parameters(), shadow.parameters())}
+    mapping = {id(p): q for p, q in zip(model.parameters(), shadow.parameters(), strict=True)}
     groups = []
     for group in optimizer.param_groups:
         params = [mapping[id(p)] for p in group["params"] if id(p) in mapping]
@@ -177,7 +177,7 @@ def _most_moved(model: nn.Module, before: dict[str, torch.Tensor], top_k: int) -
             continue
         delta = (p.detach() - before[name]).abs().reshape(-1)
         k = min(top_k, delta.numel())
-        values, flat = torch.topk(delta.float(), k)
+        _, flat = torch.topk(delta.float(), k)
         for flat_index in flat.tolist():
             index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), p.shape))
             candidates.append(WeightChange(name, index, float(before[name][index]), float(p.detach()[index])))

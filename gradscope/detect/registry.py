@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -74,11 +75,12 @@ def diagnose(
 
     A detector that crashes becomes a ``detector_error`` finding (severity ``info``); the others still report.
     """
-    from gradscope.collect.monitor import Monitor
-
-    if isinstance(run, Monitor):
+    # A Monitor can only exist if its module was imported; checking sys.modules keeps torch out of
+    # processes that only read runs (gradscope check, reports).
+    monitor_module = sys.modules.get("gradscope.collect.monitor")
+    if monitor_module is not None and isinstance(run, monitor_module.Monitor):
         run = run.run
-    elif not isinstance(run, Run):
+    if not isinstance(run, Run):
         if not isinstance(run, (str, os.PathLike)):
             raise InvalidInputError(
                 f"expected a run directory, a gradscope.Run or a gradscope.Monitor but got {type(run).__name__}"

@@ -1,0 +1,192 @@
+"""Per-step overhead of gradscope against a bare training loop, measured side by side in one process.
+
+For each workload, identical copies of the model train in interleaved blocks of steps — bare, the
+hand-written floor (one batched ``torch._foreach_norm`` of all gradients and one host copy per step),
+gradscope's default configuration, and gradscope collecting everything every step — so machine
+drift cancels. The table gives the median per-step time ratio to the bare loop with its min–max
+spread over block pairs. Run:  python -m benchmarks.overhead [--blocks 30] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gradscope
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )  # fmt: skip
+
+
+def _deep_mlp() -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(784, 256), nn.ReLU()]
+    for _ in range(24):
+        layers += [nn.Linear(256, 256), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(256, 10))  # 26 Linear layers
+
+
+class _TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 64)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))[:, -1]
+
+
+def _images(flat: bool) -> Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(64, 784 if flat else 1, *(() if flat else (28, 28)), generator=g)
+        return x, torch.randint(0, 10, (64,), generator=g)
+
+    return batch
+
+
+def _tokens(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, 64, (32, 32), generator=g)
+    return x, x[:, 0]
+
+
+WORKLOADS = (
+    Workload("784-128-10 MLP, batch 64", _mlp, _images(flat=True)),
+    Workload("small CNN on 28×28, batch 64", _cnn, _images(flat=False)),
+    Workload("26-layer MLP, width 256", _deep_mlp, _images(flat=True)),
+    Workload("2-layer transformer, d=64, seq 32", _TinyTransformer, _tokens),
+)
+
+
+class _Loop:
+    """One copy of the workload's model with its optimizer, and what it does around each step."""
+
+    def __init__(self, workload: Workload, variant: str, log_root: Path) -> None:
+        torch.manual_seed(0)
+        self.model = workload.build()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.batch = workload.batch
+        self.variant = variant
+        self.monitor: gradscope.Monitor | None = None
+        if variant == "default":
+            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "default")
+        elif variant == "everything":
+            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "everything", activation_every=1)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sink = 0.0
+
+    def run(self, steps: int, g: torch.Generator) -> float:
+        batches = [self.batch(g) for _ in range(steps)]
+        start = time.perf_counter()
+        for x, y in batches:
+            self.opt.zero_grad()
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            loss.backward()
+            if self.monitor is not None:
+                self.monitor.step(loss)
+            elif self.variant == "floor":
+                norms = torch.stack(torch._foreach_norm([p.grad for p in self.params if p.grad is not None]))
+                self.sink += float(norms.sum())  # the one host sync per step
+            self.opt.step()
+        return (time.perf_counter() - start) / steps
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+VARIANTS = ("bare", "floor", "default", "everything")
+
+
+@dataclass(frozen=True)
+class Result:
+    workload: str
+    bare_ms: float
+    ratios: dict[str, tuple[float, float, float]]  # variant -> (median, min, max)
+
+
+def measure(workload: Workload, *, blocks: int, steps_per_block: int, warmup: int) -> Result:
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        loops = {v: _Loop(workload, v, Path(tmp)) for v in VARIANTS}
+        g = torch.Generator().manual_seed(0)
+        for loop in loops.values():
+            loop.run(warmup, g)
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for block in range(blocks):
+            order = VARIANTS if block % 2 == 0 else tuple(reversed(VARIANTS))  # cancel order effects
+            for v in order:
+                times[v].append(loops[v].run(steps_per_block, g))
+        for loop in loops.values():
+            loop.close()
+    ratios = {}
+    for v in VARIANTS[1:]:
+        per_block = [t / b for t, b in zip(times[v], times["bare"], strict=True)]
+        ratios[v] = (statistics.median(per_block), min(per_block), max(per_block))
+    return Result(workload.name, statistics.median(times["bare"]) * 1e3, ratios)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def render(results: list[Result]) -> str:
+    header = "| workload | bare ms/step | hand-written floor | gradscope default | gradscope everything |"
+    lines = [header, "|---|---|---|---|---|"]
+    for r in results:
+        cells = [f"{m:.3f}× ({lo:.2f}–{hi:.2f})" for m, lo, hi in (r.ratios[v] for v in VARIANTS[1:])]
+        lines.append(f"| {r.workload} | {r.bare_ms:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--blocks", type=int, default=30, help="interleaved blocks per variant")
+    parser.add_argument("--steps", type=int, default=40, help="steps per block")
+    parser.add_argument("--quick", action="store_true", help="a short run for regression checks")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    blocks, steps = (6, 20) if args.quick else (args.blocks, args.steps)
+    print(f"# gradscope overhead — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s), {blocks} blocks × {steps} steps, {time.strftime('%Y-%m-%d')}")
+    results = []
+    for workload in WORKLOADS:
+        results.append(measure(workload, blocks=blocks, steps_per_block=steps, warmup=steps))
+        print(f"  measured {workload.name}", flush=True)
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
