@@ -10,6 +10,7 @@ and ‖Δθ‖ run on their own cadences.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
 import math
 import os
@@ -31,7 +32,7 @@ from gradscope.collect.layout import ModelLayout, describe_optimizer
 from gradscope.errors import InvalidInputError, TrainingFailure
 from gradscope.findings import Finding
 from gradscope.store import schema
-from gradscope.store.run import Run
+from gradscope.store.run import Run, load
 from gradscope.store.sqlite import RunWriter
 
 __all__ = ["Monitor", "OnFinding"]
@@ -133,7 +134,7 @@ class Monitor:
         not_in_optimizer: list[str] = []
         if optimizer is not None:
             owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            not_in_optimizer = [n for n, p in zip(layout.param_names, layout.params) if id(p) not in owned]
+            not_in_optimizer = [n for n, p in zip(layout.param_names, layout.params, strict=True) if id(p) not in owned]
             if len(not_in_optimizer) == len(layout.params):
                 raise InvalidInputError(
                     f"expected an optimizer that owns the model's parameters but {type(optimizer).__name__} holds none of "
@@ -175,7 +176,10 @@ class Monitor:
 
         self._step = 0  # the next step to record
         self._base = 0  # first step held in the buffers
-        self._recorded_since_opt_step = False
+        # A training forward ran since the last step(): the gradients an optimizer.step() now applies
+        # are not recorded yet (step() comes after it). Set by the forward hooks, cleared by step().
+        self._forward_since_step = False
+        self._update_step: int | None = None  # the step whose update the running optimizer.step() makes
         self._sampling = self.activation_every > 0
         self._closed = False
         self._failed_hooks: set[str] = set()
@@ -223,9 +227,11 @@ class Monitor:
 
     @property
     def run(self) -> Run:
-        """The run recorded so far (flushes first)."""
+        """The run recorded so far (flushes first); after :meth:`close`, the finished run."""
         if not self._closed:
             self.flush()
+        elif self._writer.log_dir is not None:
+            return load(self._writer.log_dir)  # close() closed the writer's connection
         return Run._from_connection(self._writer.conn, self._where, self._writer.log_dir)
 
     @property
@@ -246,6 +252,8 @@ class Monitor:
         if self._closed:
             return
         try:
+            if self._optimizer is None:
+                self._measure_update_without_optimizer()  # the last step's update happened since step()
             self._flush(upto=self._step)
             if self._live is not _LiveAction.NONE or self._on_finding_callable is not None:
                 self._detect_live()
@@ -262,6 +270,9 @@ class Monitor:
             self._model = None
             self._optimizer = None
             self._params = []
+            # the layout holds the submodules and parameters: dropping them lets the model be collected
+            self._layout.params = []
+            self._layout.watched_modules = []
             self._snapshot = None
             _open_monitors.discard(self)
 
@@ -270,10 +281,8 @@ class Monitor:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc is not None:
-            try:
+            with contextlib.suppress(Exception):  # recording the exception must not mask it
                 self._writer.add_event("exception", self._step, {"type": type(exc).__name__, "message": str(exc)[:500]})
-            except Exception:
-                pass
         self.close(status="complete" if exc is None else "failed")
 
     def __repr__(self) -> str:
@@ -350,8 +359,11 @@ class Monitor:
         name = self._layout.watched_names[index]
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not torch.is_grad_enabled() or name in self._failed_hooks:
+            if not torch.is_grad_enabled():
                 return  # evaluation forwards are not training statistics
+            self._forward_since_step = True
+            if name in self._failed_hooks:
+                return
             try:
                 self._observe(index, stats.first_tensor(output))
             except Exception as e:
@@ -360,7 +372,10 @@ class Monitor:
         return hook
 
     def _input_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not torch.is_grad_enabled() or schema.INPUT_LAYER in self._failed_hooks:
+        if not torch.is_grad_enabled():
+            return
+        self._forward_since_step = True
+        if schema.INPUT_LAYER in self._failed_hooks:
             return
         try:
             self._observe(self._n_watched, stats.first_tensor((args, kwargs)))
@@ -370,8 +385,8 @@ class Monitor:
     def _observe(self, index: int, x: torch.Tensor | None) -> None:
         if x is None or not stats.is_measurable(x):
             return
-        if index not in self._sentinel and index < self._n_watched:
-            self._call_order.append(index)
+        if self._step == 0 and index not in self._sentinel and index < self._n_watched:
+            self._call_order.append(index)  # forward order is taken from step 0 only
         x = x.detach()
         if self.check_outputs:
             total = x.sum(dtype=torch.float32)  # NaN/Inf anywhere makes the sum non-finite
@@ -402,9 +417,17 @@ class Monitor:
         if self._closed:
             return
         try:
-            target = self._update_target()
+            positional = args[1:] if args and args[0] is optimizer else args  # torch passes self in args
+            closure = positional[0] if positional else kwargs.get("closure")
+            # With a closure the gradients this update applies are computed inside optimizer.step():
+            # they belong to the step recorded in the closure (Lightning calls step() there) or, if
+            # none is, to the one recorded right after it; both are the step about to be recorded.
+            # Decided here, once: the closure's forwards must not change it.
+            target = self._step if closure is not None else self._update_target()
+            self._update_step = None
             if self.update_every and target % self.update_every == 0:
                 self._take_snapshot()
+                self._update_step = target
         except Exception as e:
             self._internal_error("optimizer pre-step hook", e)
 
@@ -412,17 +435,18 @@ class Monitor:
         if self._closed:
             return
         try:
-            target = self._update_target()
-            if self._snapshot is not None and self.update_every and target % self.update_every == 0:
-                self._measure_update(target)
-            self._recorded_since_opt_step = False
+            if self._update_step is not None:
+                self._measure_update(self._update_step)
+            self._update_step = None
         except Exception as e:
             self._internal_error("optimizer post-step hook", e)
 
     def _update_target(self) -> int:
-        # The step an optimizer update belongs to: the last recorded one when step() came before
-        # optimizer.step(), or the one about to be recorded when step() comes after it.
-        return self._step - 1 if self._recorded_since_opt_step else self._step
+        # The step an optimizer update belongs to: the one about to be recorded when step() comes
+        # after optimizer.step() (a forward ran since the last step()), or the last recorded one when
+        # step() came before it. Whether step() was called since the previous optimizer.step() cannot
+        # tell the two apart: it was, in both orders.
+        return self._step if self._forward_since_step or self._step == 0 else self._step - 1
 
     def _take_snapshot(self) -> None:
         with torch.no_grad():
@@ -449,6 +473,8 @@ class Monitor:
 
     def _record_step(self, loss: torch.Tensor | float | None) -> None:
         step = self._step
+        if self._optimizer is None:
+            self._measure_update_without_optimizer()  # before the flush that writes the previous step
         if step - self._base >= self.flush_every:
             self._flush(upto=step)
         row = step - self._base
@@ -474,21 +500,23 @@ class Monitor:
                 self._finish_activations(step)
         if self._optimizer is not None:
             self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
-        if self._optimizer is None and self.update_every:
-            # No optimizer hooks: Δθ is measured between consecutive step() calls and belongs to the
-            # previous step.
-            if self._snapshot is not None and step > 0 and (step - 1) % self.update_every == 0:
-                self._measure_update(step - 1)
-            if step % self.update_every == 0:
-                self._take_snapshot()
+        if self._optimizer is None and self.update_every and step % self.update_every == 0:
+            self._take_snapshot()
         if step == 0:
             self._record_forward_order()
         self._sentinel.clear()
         self._act_parts.clear()
         self._act_alive.clear()
         self._step += 1
-        self._recorded_since_opt_step = True
+        self._forward_since_step = False
         self._sampling = self.activation_every > 0 and self._step % self.activation_every == 0
+
+    def _measure_update_without_optimizer(self) -> None:
+        # No optimizer hooks: Δθ is the change between consecutive step() calls (or the last step()
+        # and close()) and belongs to the earlier step, the one whose gradients the update used.
+        last = self._step - 1
+        if self.update_every and last >= 0 and last % self.update_every == 0:
+            self._measure_update(last)
 
     def _finish_activations(self, step: int) -> None:
         k = len(self._act_steps)
@@ -507,9 +535,19 @@ class Monitor:
     def _record_forward_order(self) -> None:
         names = self._layout.watched_names
         seen = [names[i] for i in self._call_order]
-        order = seen + [n for n in names if n not in set(seen)]
-        position = {n: i for i, n in enumerate(order)}
-        layers = sorted(self._layout.layer_names, key=lambda n: position.get(n, len(order)))
+        position = {n: i for i, n in enumerate(seen)}
+
+        def rank(layer: str) -> tuple[int, int]:
+            # A layer never called as a module (MultiheadAttention.out_proj, used through its weight)
+            # goes right after its closest called ancestor; one without (an unused branch) goes last.
+            name = layer
+            while name not in position and "." in name:
+                name = name.rsplit(".", 1)[0]
+            if name in position:
+                return position[name], int(name != layer)
+            return len(seen), 0
+
+        layers = sorted(self._layout.layer_names, key=rank)
         self._writer.set_meta({"forward_order": seen, "layers": layers})
 
     # ------------------------------------------------------------------ flush (one host copy)
@@ -519,11 +557,12 @@ class Monitor:
         if n <= 0:
             return
         host = self._buf[:n].cpu().numpy().astype(np.float64)  # the one device-to-host copy
-        self._writer.append(schema.STEP_STREAM, np.arange(self._base, upto), self._derive_step_columns(host, n))
+        chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), self._derive_step_columns(host, n))]
         if self._act_steps:
             act = self._act_buf[: len(self._act_steps)].cpu().numpy()  # (k, watched+1, metrics)
             act = act.transpose(0, 2, 1).reshape(len(self._act_steps), -1)  # columns: metric-major
-            self._writer.append(schema.FORWARD_STREAM, np.asarray(self._act_steps), act)
+            chunks.append((schema.FORWARD_STREAM, np.asarray(self._act_steps), act))
+        self._writer.append_chunks(chunks)  # one transaction: a crash keeps the whole flush or none of it
         # Carry over the row of the step being recorded next (its update may already have landed).
         carry = self._buf[n].clone()
         self._buf.fill_(math.nan)
@@ -534,9 +573,9 @@ class Monitor:
         self._host_missing[0] = self._host_missing[n]
         self._host_missing[1:] = False
         self._base = upto
-        if self._live is not _LiveAction.NONE or self._on_finding_callable is not None:
-            if self._detection_due(upto):
-                self._detect_live()
+        live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
+        if live and self._detection_due(upto):
+            self._detect_live()
 
     def _derive_step_columns(self, host: np.ndarray, n: int) -> np.ndarray:
         """Device columns (per parameter) → stored columns (run, per layer, per parameter, sentinel)."""
@@ -704,7 +743,5 @@ _open_monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
 @atexit.register
 def _close_open_monitors() -> None:
     for monitor in list(_open_monitors):
-        try:
+        with contextlib.suppress(Exception):
             monitor.close(status="failed")
-        except Exception:
-            pass

@@ -11,7 +11,7 @@ import enum
 import torch
 from torch import nn
 
-__all__ = ["Bounded", "N_ACT_PARTS", "activation_parts", "bounded_kind", "first_tensor", "units_alive"]
+__all__ = ["N_ACT_PARTS", "Bounded", "activation_parts", "bounded_kind", "first_tensor", "units_alive"]
 
 # A unit within 1% of its activation's range from a bound passes back under ~4% of the gradient it
 # would pass at the centre (sigmoid'(x) = s(1-s) ≤ 0.0099 when s > 0.99, vs 0.25 at s = 0.5).

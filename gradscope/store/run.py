@@ -120,7 +120,7 @@ class Run:
 
     @property
     def n_steps(self) -> int:
-        return int(len(self.steps))
+        return len(self.steps)
 
     @cached_property
     def modules(self) -> dict[str, ModuleInfo]:
@@ -231,7 +231,8 @@ class Run:
             )
         if "update_ratio" in self.metrics and self.n_steps:
             ratio = self.metric("update_ratio")
-            long = ratio.stack(future_stack=True).rename("value").reset_index()
+            stacked: pd.Series = ratio.stack(future_stack=True)  # type: ignore[assignment]  # a Series: columns are one level
+            long = stacked.rename("value").reset_index()
             long["metric"] = "update_ratio"
             parts.append(long[["step", "layer", "metric", "value"]])
         if not parts:
@@ -265,7 +266,7 @@ def load(path: str | os.PathLike[str] | Run, *, since_step: int | None = None) -
     """
     if isinstance(path, Run):
         return path
-    conn, db_path = db.connect_for_reading(path)
+    conn, _ = db.connect_for_reading(path)
     try:
         run = Run._from_connection(conn, str(path), Path(path), since_step=since_step)
     finally:

@@ -125,14 +125,24 @@ class RunWriter:
 
     def append(self, stream: str, steps: np.ndarray, data: np.ndarray) -> None:
         """Write one chunk; ``data`` is ``(len(steps), n_columns)``."""
-        if len(steps) == 0:
+        self.append_chunks([(stream, steps, data)])
+
+    def append_chunks(self, chunks: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> None:
+        """Write ``(stream, steps, data)`` chunks in one transaction: a crash keeps all of them or none,
+        so a flush never leaves steps without their activation statistics."""
+        rows = []
+        for stream, steps, data in chunks:
+            if len(steps) == 0:
+                continue
+            steps = np.ascontiguousarray(steps, dtype="<i8")
+            data = np.ascontiguousarray(data, dtype="<f4")
+            rows.append((stream, int(steps[0]), int(steps[-1]), data.shape[0], data.shape[1], steps.tobytes(), data.tobytes()))
+        if not rows:
             return
-        steps = np.ascontiguousarray(steps, dtype="<i8")
-        data = np.ascontiguousarray(data, dtype="<f4")
         with self._transaction():
-            self.conn.execute(
+            self.conn.executemany(
                 "INSERT INTO chunks (stream, first_step, last_step, n_rows, n_cols, steps, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (stream, int(steps[0]), int(steps[-1]), data.shape[0], data.shape[1], steps.tobytes(), data.tobytes()),
+                rows,
             )
 
     def add_event(self, kind: str, step: int | None, payload: Mapping[str, Any]) -> None:
@@ -191,9 +201,13 @@ def connect_for_reading(path: str | os.PathLike[str]) -> tuple[sqlite3.Connectio
         # Read-write open (not mode=ro) so that SQLite can replay the WAL of a run whose writer was
         # killed; we never write through this connection.
         conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, check_same_thread=False)
+    except sqlite3.DatabaseError as e:
+        raise UnreadableRunError(f"cannot read run {str(db)!r}: the database cannot be opened ({e})") from None
+    try:
         conn.execute("PRAGMA query_only=ON")
         conn.execute("SELECT count(*) FROM meta").fetchone()
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, ValueError) as e:  # ValueError: a damaged schema that is not UTF-8
+        conn.close()
         raise UnreadableRunError(f"cannot read run {str(db)!r}: the database is corrupt or not a run ({e})") from None
     return conn, db
 
@@ -201,9 +215,14 @@ def connect_for_reading(path: str | os.PathLike[str]) -> tuple[sqlite3.Connectio
 def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
     try:
         rows = conn.execute("SELECT key, value FROM meta").fetchall()
-    except sqlite3.DatabaseError as e:
+    except sqlite3.OperationalError as e:  # locked, unreadable, …: not necessarily damage
         raise UnreadableRunError(f"cannot read run {where!r}: {e}") from None
-    return {k: json.loads(v) for k, v in rows}
+    except sqlite3.DatabaseError as e:
+        raise UnreadableRunError(f"cannot read run {where!r}: its metadata is corrupt ({e})") from None
+    try:
+        return {str(k): json.loads(v) for k, v in rows}
+    except (ValueError, TypeError) as e:  # damaged bytes that are no longer JSON text
+        raise UnreadableRunError(f"cannot read run {where!r}: its metadata is corrupt ({e})") from None
 
 
 def read_columns(conn: sqlite3.Connection, stream: str) -> list[tuple[str, str]]:

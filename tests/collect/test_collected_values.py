@@ -1,0 +1,146 @@
+"""The numbers a Monitor records equal a direct torch computation on tiny real models.
+
+Gradients are compared at ``mon.step()`` time, ‖Δθ‖ against copies of the parameters taken just
+before and just after ``optimizer.step()``, ``weight_norm`` against the parameters after the step,
+and activation statistics against the module outputs captured by the test's own forward hook.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+
+STEPS = 4
+
+
+def _two_group_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    half = len(params) // 2
+    return torch.optim.SGD(
+        [{"params": params[:half], "lr": 0.05}, {"params": params[half:], "lr": 0.01}], lr=0.05, momentum=0.9
+    )
+
+
+def _train_and_record(case: Any, quiet: dict[str, Any], reference: Any) -> tuple[nn.Module, list[Any], gradscope.Run]:
+    model = case.model()
+    opt = _two_group_optimizer(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # a new lr every step
+    with gradscope.Monitor(model, opt, flush_every=3, activation_every=1, **quiet) as mon:
+        trace = case.train(model, opt, mon, STEPS, capture=tuple(reference.watched(model)), between=lambda step: scheduler.step())
+        run = mon.run
+    return model, trace, run
+
+
+def test_collected_numbers_match_torch(case: Any, quiet: dict[str, Any], reference: Any, close: Any) -> None:
+    """Loss, global/per-layer/per-parameter gradient norms, weight norms, ‖Δθ‖ and every activation
+    statistic of every watched module, on each step."""
+    model, trace, run = _train_and_record(case, quiet, reference)
+    reference.check_run(run, model, trace)
+
+    ratio = run.metric("update_ratio")
+    close(ratio.to_numpy(), (run.metric("update_norm") / run.metric("weight_norm")).to_numpy())
+    assert (run.metric("update_norm").to_numpy() > 0).all()
+    assert (run.metric("grad_nonfinite").to_numpy() == 0).all()
+    assert (run.metric("output_nonfinite").to_numpy() == 0).all()
+    # at least a few modules really were measured (not everything NaN)
+    assert run.metric("act_std").notna().all().sum() >= 3
+
+
+def test_learning_rate_of_every_param_group_per_step(cases: Any, quiet: dict[str, Any], reference: Any, close: Any) -> None:
+    _, trace, run = _train_and_record(cases["mlp"], quiet, reference)
+    for group in range(2):
+        close(run.scalar(f"lr.{group}"), [t.lrs[group] for t in trace], rtol=1e-6, what=f"lr of group {group}")
+    # the scheduler halves both every step: the series must show it, not the initial value repeated
+    close(run.scalar("lr.0"), [0.05 * 0.5**k for k in range(STEPS)], rtol=1e-6)
+    close(run.lr, run.scalar("lr.0"), rtol=0)
+
+
+def test_input_batch_statistics(quiet: dict[str, Any], cases: Any, reference: Any, close: Any) -> None:
+    case = cases["mlp"]
+    model = case.model()
+    with gradscope.Monitor(model, activation_every=1, **quiet) as mon:
+        case.train(model, None, mon, 2)
+        run = mon.run
+    for step in range(2):
+        x, _ = case.batch(step)
+        expected = reference.activation([x])
+        for metric in ("act_mean", "act_std", "act_max_abs", "act_zero_frac"):
+            close(run.metric(metric)[run.input_layer].iloc[step], expected[metric], what=metric)
+
+
+def test_saturation_of_sigmoid_tanh_and_softmax(cases: Any, quiet: dict[str, Any], reference: Any, close: Any) -> None:
+    case = cases["saturating_mlp"]
+    model = case.model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.Monitor(model, opt, activation_every=1, **quiet) as mon:
+        trace = case.train(model, opt, mon, 2, capture=("1", "3", "5"))
+        run = mon.run
+    saturated = run.metric("act_saturated_frac")
+    for name, kind in [("1", "sigmoid"), ("3", "tanh"), ("5", "softmax")]:
+        for step, t in enumerate(trace):
+            expected = reference.activation(t.outputs[name], kind)["act_saturated_frac"]
+            close(saturated[name].iloc[step], expected, what=f"{kind} saturation")
+        assert saturated[name].iloc[0] > 0.05, f"the model is built to saturate its {kind}"
+    # unbounded modules have no saturation: NaN ("not applicable"), not 0
+    assert saturated["0"].isna().all()
+
+
+def test_dead_units_count_units_zero_over_the_whole_batch(quiet: dict[str, Any]) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0  # half the units can never fire
+        model[0].bias[4:] = 100.0  # the other half always fire
+    with gradscope.Monitor(model, activation_every=1, **quiet) as mon:
+        model(torch.randn(16, 4)).sum().backward()
+        mon.step(0.0)
+        run = mon.run
+    assert run.metric("act_dead_frac")["1"].iloc[0] == pytest.approx(0.5)
+    assert run.metric("act_zero_frac")["1"].iloc[0] == pytest.approx(0.5)
+    assert run.metric("act_dead_frac")["0"].iloc[0] == 0.0
+
+
+class _InjectNonFinite(nn.Module):
+    """Puts an Inf and a NaN into its output: a stand-in for an overflowing layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = torch.zeros_like(x)
+        bad[0, 0] = math.inf
+        bad[1, 1] = math.nan
+        return x + bad
+
+
+def test_nonfinite_outputs_are_counted_and_traced_to_the_module(quiet: dict[str, Any]) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _InjectNonFinite(), nn.Linear(4, 2))
+    with gradscope.Monitor(model, activation_every=2, **quiet) as mon:
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            mon.step(1.0)
+        run = mon.run
+    # every step: a 0/1 flag per module (the sentinel), also on steps without activation sampling
+    flags = run.metric("output_nonfinite")
+    assert (flags["0"] == 0).all()
+    assert (flags["1"] == 1).all()
+    assert (flags["2"] == 1).all()  # the non-finite values flow on
+    assert (flags[run.input_layer] == 0).all()
+    # sampled steps (0 and 2): the exact count
+    counts = run.metric("act_nonfinite")
+    np.testing.assert_array_equal(counts.index, [0, 2])
+    assert (counts["1"] == 2).all()
+    assert (counts["0"] == 0).all()
+    # a NaN anywhere makes mean, std and max |x| NaN too: the count says how many values were bad
+    assert run.metric("act_max_abs")["1"].isna().all()
+    assert np.isfinite(run.metric("act_max_abs")["0"]).all()
+    # the layer reading the bad values gets a non-finite weight gradient (its bias gradient stays
+    # finite); the upstream layer's gradient passes through an addition and stays finite
+    assert (run.metric("grad_nonfinite")["2"] == 1).all()
+    assert (run.metric("grad_nonfinite")["0"] == 0).all()
+    assert (run.metric("param_grad_norm")["2.weight"].isna() | np.isinf(run.metric("param_grad_norm")["2.weight"])).all()
+    assert not np.isfinite(run.grad_norm).any()

@@ -1,0 +1,296 @@
+"""Models that trip naive hooks: in-place ops, odd outputs, sharing, freezing, buffers, recurrent and
+attention layers, containers, unused branches. Each trains with a Monitor, no gradscope warning may
+appear (the autouse fixture turns them into errors), and the recorded numbers equal torch's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+
+
+def _record(case: Any, reference: Any, quiet: dict[str, Any], steps: int = 3) -> tuple[nn.Module, list[Any], gradscope.Run]:
+    model = case.model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    with gradscope.Monitor(model, opt, activation_every=1, flush_every=2, **quiet) as mon:
+        trace = case.train(model, opt, mon, steps, capture=tuple(reference.watched(model)))
+    return model, trace, mon.run
+
+
+def _vectors(dim: int = 4, classes: int = 2) -> Any:
+    def make(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, dim, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+    return make
+
+
+# --------------------------------------------------------------------------- in-place ReLU
+
+
+def test_inplace_relu_measures_the_layer_output_before_the_relu_overwrites_it(
+    make_case: Any, reference: Any, quiet: dict[str, Any], close: Any
+) -> None:
+    case = make_case("inplace", lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)), _vectors())
+    model, trace, run = _record(case, reference, quiet)
+    reference.check_run(run, model, trace)
+    # the Linear's own output had negative values and no zeros; the ReLU's output many zeros
+    assert (run.metric("act_zero_frac")["0"] == 0).all()
+    assert (run.metric("act_zero_frac")["1"] > 0.2).all()
+
+
+# --------------------------------------------------------------------------- tuples, dicts, None
+
+
+class _Pair(nn.Module):
+    """Owns a parameter and returns a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = x @ self.weight
+        return y, torch.relu(y)
+
+
+class _ToDict(nn.Module):
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"main": pair[0] * 2, "aux": pair[1]}
+
+
+class _Logger(nn.Module):
+    """A side-effect module returning None."""
+
+    def forward(self, x: torch.Tensor) -> None:
+        return None
+
+
+class _Counts(nn.Module):
+    """Returns only an integer tensor: nothing to measure."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x > 0).sum(dim=-1)
+
+
+class _OddOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = _Pair()
+        self.to_dict = _ToDict()
+        self.log = _Logger()
+        self.counts = _Counts()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.to_dict(self.pair(x))
+        self.log(d["main"])
+        self.counts(d["aux"])
+        return self.head(d["main"] + d["aux"])
+
+
+def test_modules_returning_tuples_dicts_none_and_integers(make_case: Any, reference: Any, quiet: dict[str, Any]) -> None:
+    model, trace, run = _record(make_case("odd", _OddOutputs, _vectors()), reference, quiet)
+    reference.check_run(run, model, trace)  # pair: its first tensor; to_dict: its first value
+    assert run.metric("act_mean")[["log", "counts"]].isna().all().all()
+    assert run.metric("act_mean")[["pair", "to_dict", "head"]].notna().all().all()
+    assert set(run.layers) == {"pair", "head"}
+
+
+# --------------------------------------------------------------------------- sharing and tying
+
+
+class _SharedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+        self.twice = nn.ModuleList([self.block, self.block])  # the same module registered again
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.twice:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+def test_a_module_called_twice_aggregates_both_calls(make_case: Any, reference: Any, quiet: dict[str, Any]) -> None:
+    model, trace, run = _record(make_case("shared", _SharedBlock, _vectors()), reference, quiet)
+    assert all(len(t.outputs["block"]) == 2 for t in trace)
+    reference.check_run(run, model, trace)  # statistics over both calls, gradient accumulated over both uses
+    assert run.layers.count("block") == 1 and "twice.0" not in run.layers
+    assert run.params == ["block.weight", "block.bias", "head.weight", "head.bias"]
+
+
+class _TiedLM(nn.Module):
+    """Input embedding and output projection share one weight (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.decoder = nn.Linear(4, 10)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.embed(idx))
+
+
+def _tokens(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, 10, (n,), generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_tied_parameters_are_tracked_once_with_their_full_gradient(
+    make_case: Any, reference: Any, quiet: dict[str, Any], close: Any
+) -> None:
+    model, trace, run = _record(make_case("tied", _TiedLM, _tokens), reference, quiet)
+    reference.check_run(run, model, trace)
+    assert run.params == ["embed.weight", "decoder.bias"]
+    assert run.layers == ["embed", "decoder"]
+    # tracked once, under the first module owning it; its gradient (checked above) sums both uses
+    assert run.meta["param_numels"] == [40, 10]
+    assert run.modules["decoder"].n_params == 50  # the decoder still reports the weight it uses
+    assert run.metric("act_mean")[run.input_layer].isna().all()  # integer token ids are not measured
+
+
+# --------------------------------------------------------------------------- frozen parameters
+
+
+def _partly_frozen() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    return model
+
+
+def test_frozen_parameters_are_never_tracked_and_are_listed(make_case: Any, reference: Any, quiet: dict[str, Any]) -> None:
+    model, trace, run = _record(make_case("frozen", _partly_frozen, _vectors()), reference, quiet)
+    reference.check_run(run, model, trace)
+    assert run.meta["frozen_params"] == ["0.weight", "0.bias", "2.bias"]
+    assert run.params == ["2.weight", "4.weight", "4.bias"]
+    assert run.layers == ["2", "4"]
+    assert (run.metric("grad_missing").to_numpy() == 0).all()  # frozen is not "missing"
+    assert run.modules["0"].n_trainable == 0 and run.modules["0"].n_params == 40
+    assert run.metric("act_mean")["0"].notna().all()  # a frozen layer's output is still watched
+
+
+def test_a_model_with_nothing_to_train_is_refused() -> None:
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(gradscope.InvalidInputError, match=r"expected a model with trainable parameters but Linear has none"):
+        gradscope.Monitor(model)
+
+
+# --------------------------------------------------------------------------- buffers, RNNs, attention, containers
+
+
+def test_batchnorm_buffers_are_not_parameters(cases: Any, reference: Any, quiet: dict[str, Any]) -> None:
+    model, trace, run = _record(cases["cnn"], reference, quiet)
+    reference.check_run(run, model, trace)
+    assert not [p for p in run.params if "running" in p or "num_batches" in p]
+    assert [p for p in run.params if p.startswith("1.")] == ["1.weight", "1.bias"]
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = kind(4, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)  # out: (B, T, 6); the hidden state is a tensor (RNN, GRU) or a tuple (LSTM)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("kind", [nn.RNN, nn.GRU, nn.LSTM], ids=lambda k: k.__name__)
+def test_recurrent_layers(kind: type[nn.Module], make_case: Any, reference: Any, quiet: dict[str, Any]) -> None:
+    def sequences(g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, 5, 4, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+    model, trace, run = _record(make_case(kind.__name__, lambda: _Recurrent(kind), sequences), reference, quiet)
+    reference.check_run(run, model, trace)
+    assert len([p for p in run.params if p.startswith("rnn.")]) == 8  # weight_ih/hh, bias_ih/hh × 2 layers
+
+
+def test_transformer_encoder_layers_and_attention(cases: Any, reference: Any, quiet: dict[str, Any]) -> None:
+    model, trace, run = _record(cases["transformer"], reference, quiet)
+    reference.check_run(run, model, trace)
+    for i in range(2):
+        attn = f"encoder.layers.{i}.self_attn"
+        assert {attn, f"{attn}.out_proj", f"encoder.layers.{i}.linear1", f"encoder.layers.{i}.norm2"} <= set(run.layers)
+        assert (run.metric("grad_norm")[[attn, f"{attn}.out_proj"]].to_numpy() > 0).all()
+    # forward order follows the calls: embedding first, head last; out_proj is never called as a
+    # module (attention uses its weight directly), so it is placed right after its attention block
+    assert run.forward_order[0] == "embed" and run.forward_order[-1] == "head"
+    assert "encoder.layers.0.self_attn.out_proj" not in run.forward_order
+    assert run.layers[0] == "embed" and run.layers[-1] == "head"
+    for i in range(2):
+        attn = run.layers.index(f"encoder.layers.{i}.self_attn")
+        assert run.layers[attn + 1] == f"encoder.layers.{i}.self_attn.out_proj"
+
+
+class _Towers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 8)])
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 2), "b": nn.Linear(8, 2)})
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = self.act(block(x))
+        return self.heads["a"](x) + 0.5 * self.heads["b"](x)
+
+
+def test_models_built_in_module_list_and_dict(make_case: Any, reference: Any, quiet: dict[str, Any]) -> None:
+    model, trace, run = _record(make_case("towers", _Towers, _vectors()), reference, quiet)
+    reference.check_run(run, model, trace)
+    assert run.layers == ["blocks.0", "blocks.1", "heads.a", "heads.b"]
+    assert run.forward_order == ["blocks.0", "act", "blocks.1", "heads.a", "heads.b"]
+
+
+# --------------------------------------------------------------------------- no gradient
+
+
+class _UnusedBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 2)
+        self.unused = nn.Linear(4, 2)  # registered, never called: its parameters get no gradient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_a_parameter_without_gradient_is_grad_missing(make_case: Any, reference: Any, quiet: dict[str, Any]) -> None:
+    model, trace, run = _record(make_case("unused", _UnusedBranch, _vectors()), reference, quiet)
+    reference.check_run(run, model, trace)
+    missing = run.metric("grad_missing")
+    np.testing.assert_array_equal(missing["unused"], [2, 2, 2])
+    np.testing.assert_array_equal(missing["used"], [0, 0, 0])
+    np.testing.assert_array_equal(run.metric("param_grad_missing")["unused.weight"], [1, 1, 1])
+    np.testing.assert_array_equal(run.metric("grad_norm")["unused"], [0, 0, 0])
+    np.testing.assert_array_equal(run.metric("update_norm")["unused"], [0, 0, 0])
+    assert run.metric("act_mean")["unused"].isna().all()
+
+
+# --------------------------------------------------------------------------- the model trains exactly as without a Monitor
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "transformer"])
+def test_monitoring_does_not_change_training(name: str, cases: Any, quiet: dict[str, Any]) -> None:
+    case = cases[name]
+    finals = []
+    for monitored in (False, True):
+        model = case.model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        if monitored:
+            with gradscope.Monitor(model, opt, activation_every=1, flush_every=2, **quiet) as mon:
+                case.train(model, opt, mon, 4)
+        else:
+            case.train(model, opt, None, 4)
+        finals.append({k: v.clone() for k, v in model.state_dict().items()})  # parameters and buffers
+    assert finals[0].keys() == finals[1].keys()
+    for key in finals[0]:
+        assert torch.equal(finals[0][key], finals[1][key]), key
