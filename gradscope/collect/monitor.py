@@ -67,10 +67,11 @@ class Monitor:
         log_dir: directory to store the run in; ``None`` keeps it in memory only.
         flush_every: steps between writes to the store. A crash loses at most this many steps.
         activation_every: sample full activation statistics every this many steps (0: never).
-            10 by default: activations change slowly next to gradients, and sampling keeps the
-            forward-hook cost to a tenth.
-        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). Costs one copy of the
-            parameters in memory.
+            20 by default: activations drift slowly next to gradients, and a sampled step costs
+            several reductions per module, so sampling keeps their cost to a twentieth.
+        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). 10 by default: the
+            update/weight ratio drifts slowly, and each measurement copies and reads every parameter
+            twice. Holds one copy of the parameters in memory.
         check_outputs: look for NaN/Inf in every watched module's output on every step (one
             ``sum`` per module), so a non-finite value can be traced to the module that made it.
         on_finding: what live detection does with a new finding: ``"warn"`` (a Python warning),
@@ -94,8 +95,8 @@ class Monitor:
         *,
         log_dir: str | os.PathLike[str] | None = None,
         flush_every: int = 50,
-        activation_every: int = 10,
-        update_every: int = 1,
+        activation_every: int = 20,
+        update_every: int = 10,
         check_outputs: bool = True,
         on_finding: OnFinding = "warn",
         detect_every: int | None = None,
@@ -149,28 +150,32 @@ class Monitor:
         self._n_params = n_params = len(layout.params)
         self._n_watched = n_watched = len(layout.watched_names)
         self._n_groups = len(optimizer.param_groups) if optimizer is not None else 0
-        # Columns of the device step buffer: loss | per-parameter grad norm | param norm | update norm
-        # | output sentinel per watched module and the input batch. Layer-level and run-level values
-        # are derived from these on the host at flush (see _flush_steps).
+        # Columns of the device step buffer: loss | per-parameter grad norm | output sentinel per watched
+        # module and the input batch | param norm | update norm. The first three are written every step
+        # by one torch.stack(out=...); layer-level and run-level values are derived from these on the
+        # host at flush (see _derive_step_columns).
         self._c_grad = 1
-        self._c_pnorm = self._c_grad + n_params
+        self._c_sent = self._c_grad + n_params
+        self._c_pnorm = self._c_sent + n_watched + 1
         self._c_upd = self._c_pnorm + n_params
-        self._c_sent = self._c_upd + n_params
-        self._n_dev_cols = self._c_sent + n_watched + 1
+        self._n_dev_cols = self._c_upd + n_params
         rows = self.flush_every + 1  # +1: the row of a step whose update lands before it is recorded
         self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
         self._host_lr: list[list[Any]] = []
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
         # Activation statistics: one row per sampled step, watched modules + input.
         act_rows = self.flush_every // max(self.activation_every, 1) + 2
-        self._act_buf = torch.full((act_rows, n_watched + 1, len(schema.ACTIVATION_METRICS)), math.nan, device=self._device)
+        self._act_buf = torch.full((act_rows, n_watched + 1, stats.N_ACT_PARTS), math.nan, device=self._device)
+        self._act_counts = np.full((act_rows, n_watched + 1, 3), np.nan)  # elements, units, saturation denominator
         self._act_steps: list[int] = []
         self._bounded = [stats.bounded_kind(m) for m in layout.watched_modules] + [stats.Bounded.NONE]
-        self._act_parts: dict[int, torch.Tensor] = {}
-        self._act_alive: dict[int, torch.Tensor] = {}
+        self._observed: dict[int, stats.Observed] = {}
         self._sentinel: dict[int, torch.Tensor] = {}
         self._call_order: list[int] = []
         self._zero = torch.zeros((), device=self._device)
+        self._nan_parts = torch.full((stats.N_ACT_PARTS,), math.nan, device=self._device)
+        self._single_device = all(p.device == self._device for p in layout.params)
+        self._plain_grads = not any(p.is_complex() for p in layout.params)
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_valid = False
 
@@ -385,33 +390,17 @@ class Monitor:
     def _observe(self, index: int, x: torch.Tensor | None) -> None:
         if x is None or not stats.is_measurable(x):
             return
-        if self._step == 0 and index not in self._sentinel and index < self._n_watched:
+        if self._step == 0 and index < self._n_watched and index not in self._call_order:
             self._call_order.append(index)  # forward order is taken from step 0 only
         x = x.detach()
         if self.check_outputs:
             total = x.sum(dtype=torch.float32)  # NaN/Inf anywhere makes the sum non-finite
             previous = self._sentinel.get(index)
             self._sentinel[index] = total if previous is None else previous + total
-        elif index not in self._sentinel:
-            self._sentinel[index] = self._zero
         if self._sampling:
-            parts = stats.activation_parts(x, self._bounded[index])
-            alive = stats.units_alive(x)
-            previous = self._act_parts.get(index)
-            if previous is None:
-                self._act_parts[index] = parts
-                self._act_alive[index] = alive
-            else:
-                self._act_parts[index] = torch.cat(
-                    [previous[: stats.MAX_ABS_PART] + parts[: stats.MAX_ABS_PART],
-                     torch.maximum(previous[stats.MAX_ABS_PART:stats.MAX_ABS_PART + 1], parts[stats.MAX_ABS_PART:stats.MAX_ABS_PART + 1]),
-                     previous[stats.MAX_ABS_PART + 1:] + parts[stats.MAX_ABS_PART + 1:]]
-                )
-                old_alive = self._act_alive.get(index)
-                if old_alive is not None and old_alive.shape == alive.shape:
-                    self._act_alive[index] = old_alive | alive
-                else:
-                    self._act_alive.pop(index, None)  # shapes differ across calls: units are not comparable
+            observed = stats.observe(x, self._bounded[index], units=index < self._n_watched)
+            previous_obs = self._observed.get(index)
+            self._observed[index] = observed if previous_obs is None else stats.combine(previous_obs, observed)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed:
@@ -468,7 +457,7 @@ class Monitor:
             update = torch._foreach_norm(self._snapshot, 2, dtype=torch.float32)
             weight = torch._foreach_norm(current, 2, dtype=torch.float32)
             values = torch.stack([*weight, *update]).to(self._device)
-            self._buf[row, self._c_pnorm : self._c_sent].copy_(values)
+            self._buf[row, self._c_pnorm :].copy_(values)
         self._snapshot_valid = False
 
     def _record_step(self, loss: torch.Tensor | float | None) -> None:
@@ -478,25 +467,27 @@ class Monitor:
         if step - self._base >= self.flush_every:
             self._flush(upto=step)
         row = step - self._base
-        n_params = self._n_params
         grads = [p.grad for p in self._params]
-        missing = [g is None for g in grads]
-        self._host_missing[row] = missing
-        present = [_dense(g) for g in grads if g is not None]
         with torch.no_grad():
-            norms = list(torch._foreach_norm(present, 2, dtype=torch.float32)) if present else []
-            if any(missing):
-                it = iter(norms)
+            if any(g is None for g in grads):
+                missing = [g is None for g in grads]
+                self._host_missing[row] = missing
+                it = iter(self._grad_norms([g for g in grads if g is not None]))
                 norms = [self._zero if m else next(it) for m in missing]
+            else:
+                norms = self._grad_norms(grads)  # type: ignore[arg-type]
             if isinstance(loss, torch.Tensor):
-                loss_t = loss.detach().reshape(()).float()
+                loss_t = loss.detach()
+                if loss_t.ndim:
+                    loss_t = loss_t.reshape(())
             else:
                 loss_t = torch.full((), math.nan if loss is None else float(loss), device=self._device)
             sentinel = [self._sentinel.get(i, self._zero) for i in range(self._n_watched + 1)]
-            values = torch.stack([loss_t.to(self._device), *[n.to(self._device) for n in norms], *sentinel])
-            self._buf[row, : self._c_grad + n_params].copy_(values[: 1 + n_params])
-            self._buf[row, self._c_sent :].copy_(values[1 + n_params :])
-            if self._sampling and self._act_parts:
+            values = [loss_t, *norms, *sentinel]
+            if not self._single_device:
+                values = [v.to(self._device) for v in values]
+            torch.stack(values, out=self._buf[row, : self._c_pnorm])  # the step's one device write
+            if self._sampling and self._observed:
                 self._finish_activations(step)
         if self._optimizer is not None:
             self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
@@ -505,11 +496,18 @@ class Monitor:
         if step == 0:
             self._record_forward_order()
         self._sentinel.clear()
-        self._act_parts.clear()
-        self._act_alive.clear()
+        self._observed.clear()
         self._step += 1
         self._forward_since_step = False
         self._sampling = self.activation_every > 0 and self._step % self.activation_every == 0
+
+    def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not grads:
+            return []
+        if self._plain_grads and all(g.layout == torch.strided for g in grads):
+            return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        self._plain_grads = False  # sparse or complex gradients seen: take the slower general path
+        return list(torch._foreach_norm([_dense(g) for g in grads], 2, dtype=torch.float32))
 
     def _measure_update_without_optimizer(self) -> None:
         # No optimizer hooks: Δθ is the change between consecutive step() calls (or the last step()
@@ -524,12 +522,14 @@ class Monitor:
             return
         rows = []
         for index in range(self._n_watched + 1):
-            parts = self._act_parts.get(index)
-            if parts is None:
-                rows.append(torch.full((len(schema.ACTIVATION_METRICS),), math.nan, device=self._device))
+            observed = self._observed.get(index)
+            if observed is None:
+                rows.append(self._nan_parts)
+                self._act_counts[k, index] = np.nan
             else:
-                rows.append(stats.finish_activation(parts, self._act_alive.get(index)))
-        self._act_buf[k].copy_(torch.stack(rows))
+                rows.append(observed.parts)
+                self._act_counts[k, index] = (observed.n, observed.units, observed.saturation_denominator)
+        torch.stack(rows, out=self._act_buf[k])
         self._act_steps.append(step)
 
     def _record_forward_order(self) -> None:
@@ -559,8 +559,10 @@ class Monitor:
         host = self._buf[:n].cpu().numpy().astype(np.float64)  # the one device-to-host copy
         chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), self._derive_step_columns(host, n))]
         if self._act_steps:
-            act = self._act_buf[: len(self._act_steps)].cpu().numpy()  # (k, watched+1, metrics)
-            act = act.transpose(0, 2, 1).reshape(len(self._act_steps), -1)  # columns: metric-major
+            k = len(self._act_steps)
+            parts = self._act_buf[:k].cpu().numpy().astype(np.float64)  # (k, watched+1, parts)
+            act = stats.finish_on_host(parts, self._act_counts[:k])  # (k, watched+1, metrics)
+            act = act.transpose(0, 2, 1).reshape(k, -1)  # columns: metric-major
             chunks.append((schema.FORWARD_STREAM, np.asarray(self._act_steps), act))
         self._writer.append_chunks(chunks)  # one transaction: a crash keeps the whole flush or none of it
         # Carry over the row of the step being recorded next (its update may already have landed).
@@ -568,6 +570,7 @@ class Monitor:
         self._buf.fill_(math.nan)
         self._buf[0].copy_(carry)
         self._act_buf.fill_(math.nan)
+        self._act_counts.fill(np.nan)
         self._act_steps.clear()
         self._host_lr = self._host_lr[n:]
         self._host_missing[0] = self._host_missing[n]
@@ -583,7 +586,7 @@ class Monitor:
         grad = host[:, self._c_grad : self._c_grad + p]
         pnorm = host[:, self._c_pnorm : self._c_pnorm + p]
         upd = host[:, self._c_upd : self._c_upd + p]
-        sentinel = host[:, self._c_sent :]
+        sentinel = host[:, self._c_sent : self._c_pnorm]
         missing = self._host_missing[:n]
         grad = np.where(missing, 0.0, grad)
         lr = np.full((n, self._n_groups), math.nan)

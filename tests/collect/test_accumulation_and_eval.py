@@ -23,7 +23,7 @@ def test_forward_statistics_aggregate_over_micro_batches(
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     watched = [n for n, m in model.named_modules() if n and next(m.children(), None) is None]
-    with gradscope.Monitor(model, opt, activation_every=1, flush_every=2, **quiet) as mon:
+    with gradscope.Monitor(model, opt, activation_every=1, flush_every=2, update_every=1, **quiet) as mon:
         trace = case.train(model, opt, mon, 4, micro_batches=MICRO, capture=tuple(watched))
         run = mon.run
 
@@ -53,7 +53,7 @@ def test_dead_units_need_to_be_dead_in_every_micro_batch(quiet: dict[str, Any]) 
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(2))
         model[0].bias.zero_()
-    with gradscope.Monitor(model, activation_every=1, **quiet) as mon:
+    with gradscope.Monitor(model, activation_every=1, update_every=1, **quiet) as mon:
         model(torch.tensor([[1.0, -1.0]])).sum().backward()  # unit 1 is zero here ...
         model(torch.tensor([[-1.0, 1.0]])).sum().backward()  # ... and unit 0 here: neither is dead
         mon.step(0.0)
@@ -69,7 +69,7 @@ def _run_with(between: Any, cases: Any, quiet: dict[str, Any]) -> gradscope.Run:
     case = cases["mlp"]
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradscope.Monitor(model, opt, activation_every=1, flush_every=3, **quiet) as mon:
+    with gradscope.Monitor(model, opt, activation_every=1, flush_every=3, update_every=1, **quiet) as mon:
         case.train(model, opt, mon, 5, between=lambda step: between(model))
         return mon.run
 

@@ -32,7 +32,7 @@ def _train_and_record(case: Any, quiet: dict[str, Any], reference: Any) -> tuple
     model = case.model()
     opt = _two_group_optimizer(model)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # a new lr every step
-    with gradscope.Monitor(model, opt, flush_every=3, activation_every=1, **quiet) as mon:
+    with gradscope.Monitor(model, opt, flush_every=3, activation_every=1, update_every=1, **quiet) as mon:
         trace = case.train(model, opt, mon, STEPS, capture=tuple(reference.watched(model)), between=lambda step: scheduler.step())
         run = mon.run
     return model, trace, run
@@ -65,7 +65,7 @@ def test_learning_rate_of_every_param_group_per_step(cases: Any, quiet: dict[str
 def test_input_batch_statistics(quiet: dict[str, Any], cases: Any, reference: Any, close: Any) -> None:
     case = cases["mlp"]
     model = case.model()
-    with gradscope.Monitor(model, activation_every=1, **quiet) as mon:
+    with gradscope.Monitor(model, activation_every=1, update_every=1, **quiet) as mon:
         case.train(model, None, mon, 2)
         run = mon.run
     for step in range(2):
@@ -79,7 +79,7 @@ def test_saturation_of_sigmoid_tanh_and_softmax(cases: Any, quiet: dict[str, Any
     case = cases["saturating_mlp"]
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gradscope.Monitor(model, opt, activation_every=1, **quiet) as mon:
+    with gradscope.Monitor(model, opt, activation_every=1, update_every=1, **quiet) as mon:
         trace = case.train(model, opt, mon, 2, capture=("1", "3", "5"))
         run = mon.run
     saturated = run.metric("act_saturated_frac")
@@ -97,7 +97,7 @@ def test_dead_units_count_units_zero_over_the_whole_batch(quiet: dict[str, Any])
     with torch.no_grad():
         model[0].bias[:4] = -100.0  # half the units can never fire
         model[0].bias[4:] = 100.0  # the other half always fire
-    with gradscope.Monitor(model, activation_every=1, **quiet) as mon:
+    with gradscope.Monitor(model, activation_every=1, update_every=1, **quiet) as mon:
         model(torch.randn(16, 4)).sum().backward()
         mon.step(0.0)
         run = mon.run
@@ -118,7 +118,7 @@ class _InjectNonFinite(nn.Module):
 
 def test_nonfinite_outputs_are_counted_and_traced_to_the_module(quiet: dict[str, Any]) -> None:
     model = nn.Sequential(nn.Linear(4, 4), _InjectNonFinite(), nn.Linear(4, 2))
-    with gradscope.Monitor(model, activation_every=2, **quiet) as mon:
+    with gradscope.Monitor(model, activation_every=2, update_every=1, **quiet) as mon:
         for _ in range(3):
             model.zero_grad()
             model(torch.randn(8, 4)).sum().backward()

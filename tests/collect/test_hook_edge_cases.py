@@ -17,7 +17,7 @@ import gradscope
 def _record(case: Any, reference: Any, quiet: dict[str, Any], steps: int = 3) -> tuple[nn.Module, list[Any], gradscope.Run]:
     model = case.model()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    with gradscope.Monitor(model, opt, activation_every=1, flush_every=2, **quiet) as mon:
+    with gradscope.Monitor(model, opt, activation_every=1, flush_every=2, update_every=1, **quiet) as mon:
         trace = case.train(model, opt, mon, steps, capture=tuple(reference.watched(model)))
     return model, trace, mon.run
 
@@ -286,7 +286,7 @@ def test_monitoring_does_not_change_training(name: str, cases: Any, quiet: dict[
         model = case.model()
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         if monitored:
-            with gradscope.Monitor(model, opt, activation_every=1, flush_every=2, **quiet) as mon:
+            with gradscope.Monitor(model, opt, activation_every=1, flush_every=2, update_every=1, **quiet) as mon:
                 case.train(model, opt, mon, 4)
         else:
             case.train(model, opt, None, 4)

@@ -80,7 +80,7 @@ def setup(cases: Any) -> tuple[Any, nn.Module, torch.optim.Optimizer]:
 def test_leaving_the_with_block_removes_every_hook(setup: Any, quiet: dict[str, Any], tmp_path: Path) -> None:
     case, model, opt = setup
     before = _state(model, opt)
-    with gradscope.Monitor(model, opt, log_dir=tmp_path / "run", activation_every=1, **quiet) as mon:
+    with gradscope.Monitor(model, opt, log_dir=tmp_path / "run", activation_every=1, update_every=1, **quiet) as mon:
         case.train(model, opt, mon, 2)
         during = _differences(before, _state(model, opt))
     assert during, "the Monitor is expected to hook the model while it is open"
@@ -95,7 +95,7 @@ def test_leaving_the_with_block_removes_every_hook(setup: Any, quiet: dict[str, 
 def test_close_removes_every_hook_and_can_be_called_twice(setup: Any, quiet: dict[str, Any]) -> None:
     case, model, opt = setup
     before = _state(model, opt)
-    mon = gradscope.Monitor(model, opt, **quiet)
+    mon = gradscope.Monitor(model, opt, update_every=1, **quiet)
     case.train(model, opt, mon, 2)
     mon.close()
     mon.close()
@@ -109,7 +109,7 @@ def test_an_exception_in_the_with_block_removes_hooks_and_keeps_what_was_collect
 ) -> None:
     case, model, opt = setup
     before = _state(model, opt)
-    with pytest.raises(RuntimeError, match="boom"), gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=100, **quiet) as mon:
+    with pytest.raises(RuntimeError, match="boom"), gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=100, update_every=1, **quiet) as mon:
         case.train(model, opt, mon, 3)  # nothing flushed yet: flush_every=100
         raise RuntimeError("boom")
     assert _differences(before, _state(model, opt)) == []
@@ -121,11 +121,11 @@ def test_an_exception_in_the_with_block_removes_hooks_and_keeps_what_was_collect
 
 def test_a_monitor_that_fails_to_start_leaves_no_hook(setup: Any, quiet: dict[str, Any], tmp_path: Path) -> None:
     case, model, opt = setup
-    with gradscope.Monitor(model, opt, log_dir=tmp_path, **quiet) as mon:
+    with gradscope.Monitor(model, opt, log_dir=tmp_path, update_every=1, **quiet) as mon:
         case.train(model, opt, mon, 1)
     before = _state(model, opt)
     with pytest.raises(gradscope.InvalidInputError, match="already holds a run"):
-        gradscope.Monitor(model, opt, log_dir=tmp_path, **quiet)
+        gradscope.Monitor(model, opt, log_dir=tmp_path, update_every=1, **quiet)
     assert _differences(before, _state(model, opt)) == []
 
 
@@ -135,7 +135,7 @@ def test_the_model_can_be_garbage_collected_after_close(how: str, cases: Any, qu
     model = case.model()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     refs = [weakref.ref(model), weakref.ref(opt), weakref.ref(model[0].weight)]
-    mon = gradscope.Monitor(model, opt, log_dir=tmp_path, activation_every=1, **quiet)
+    mon = gradscope.Monitor(model, opt, log_dir=tmp_path, activation_every=1, update_every=1, **quiet)
     try:
         with mon:
             case.train(model, opt, mon, 3)

@@ -37,7 +37,7 @@ def test_step_before_or_after_optimizer_step_records_the_same_updates(
     for order in ("before", "after"):
         model = case.model()
         opt = make_optimizer(model.parameters())
-        with gradscope.Monitor(model, opt, flush_every=3, **quiet) as mon:
+        with gradscope.Monitor(model, opt, flush_every=3, update_every=1, **quiet) as mon:
             traces[order] = case.train(model, opt, mon, STEPS, order=order)
             runs[order] = mon.run
         layers = reference.layer_params(model)
@@ -80,7 +80,7 @@ def test_without_an_optimizer_gradients_are_recorded_and_updates_attributed_to_t
     step's gradients. No learning rate is recorded."""
     case = cases["mlp"]
     model = case.model()
-    with gradscope.Monitor(model, flush_every=3, **quiet) as mon:
+    with gradscope.Monitor(model, flush_every=3, update_every=1, **quiet) as mon:
         trace = case.train(model, None, mon, 5, order="before", lr=0.1)
     run = mon.run  # after close(), which measures the last step's update
     layers = reference.layer_params(model)
@@ -103,7 +103,7 @@ def test_updates_of_an_optimizer_step_with_a_closure(where: str, cases: Any, qui
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     params = dict(model.named_parameters())
     expected: list[float] = []
-    with gradscope.Monitor(model, opt, flush_every=3, **quiet) as mon:
+    with gradscope.Monitor(model, opt, flush_every=3, update_every=1, **quiet) as mon:
         for step in range(STEPS):
             x, y = case.batch(step)
 

@@ -21,7 +21,7 @@ STEPS = 12
 def _monitored(case: Any, log_dir: Path | None, quiet: dict[str, Any]) -> tuple[gradscope.Monitor, gradscope.Run, list[Any]]:
     model = case.model()
     opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.95))
-    with gradscope.Monitor(model, opt, log_dir=log_dir, flush_every=5, activation_every=4, metadata={"name": "exp1", "seed": 0}, **quiet) as mon:
+    with gradscope.Monitor(model, opt, log_dir=log_dir, flush_every=5, activation_every=4, metadata={"name": "exp1", "seed": 0}, update_every=1, **quiet) as mon:
         trace = case.train(model, opt, mon, STEPS)
         seen = mon.run  # what the Monitor holds just before it closes
     return mon, seen, trace
