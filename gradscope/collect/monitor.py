@@ -86,6 +86,10 @@ class Monitor:
         overwrite: replace a run already in ``log_dir``.
         strict: raise gradscope's own internal errors into the training loop instead of warning.
         metadata: anything JSON-serialisable to store with the run (hyperparameters, a name).
+        grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. Gradients are then read
+            inside ``optimizer.step()``, where the scaler has unscaled them (gradscope never calls
+            ``unscale_`` itself), and steps the scaler skips for Inf/NaN gradients are recorded as
+            ``optimizer_skipped`` rather than read as a training failure.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class Monitor:
         overwrite: bool = False,
         strict: bool = False,
         metadata: dict[str, Any] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             hint = " (a class was given: instantiate it)" if isinstance(model, type) else ""
@@ -143,6 +148,17 @@ class Monitor:
                     "create the optimizer from model.parameters() of this model"
                 )
 
+        if grad_scaler is not None:
+            if not isinstance(grad_scaler, torch.amp.GradScaler):
+                raise InvalidInputError(
+                    f"expected grad_scaler to be a torch.amp.GradScaler but got {type(grad_scaler).__name__}"
+                )
+            if optimizer is None:
+                raise InvalidInputError(
+                    "expected an optimizer with grad_scaler: gradients are read, unscaled, inside optimizer.step(); "
+                    "pass the optimizer the scaler steps"
+                )
+        self._grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self._model: nn.Module | None = model
         self._optimizer = optimizer
         self._params: list[nn.Parameter] = layout.params
@@ -185,6 +201,8 @@ class Monitor:
         # are not recorded yet (step() comes after it). Set by the forward hooks, cleared by step().
         self._forward_since_step = False
         self._update_step: int | None = None  # the step whose update the running optimizer.step() makes
+        self._optimizer_stepped: set[int] = set()  # steps whose optimizer.step() ran (not skipped)
+        self._has_optimizer = optimizer is not None
         self._sampling = self.activation_every > 0
         self._closed = False
         self._failed_hooks: set[str] = set()
@@ -336,6 +354,8 @@ class Monitor:
         )
         run_cols = [(schema.RUN_LAYER, "loss"), (schema.RUN_LAYER, "global_grad_norm")]
         run_cols += [(schema.RUN_LAYER, f"lr.{g}") for g in range(self._n_groups)]
+        if optimizer is not None:
+            run_cols.append((schema.RUN_LAYER, "optimizer_skipped"))
         layer_cols = [(layer, metric) for metric in schema.LAYER_METRICS for layer in layout.layer_names]
         param_cols = [(p, metric) for metric in schema.PARAM_METRICS for p in layout.param_names]
         sentinel_cols = [(name, schema.OUTPUT_NONFINITE) for name in [*layout.watched_names, schema.INPUT_LAYER]]
@@ -413,6 +433,10 @@ class Monitor:
             # none is, to the one recorded right after it; both are the step about to be recorded.
             # Decided here, once: the closure's forwards must not change it.
             target = self._step if closure is not None else self._update_target()
+            self._optimizer_stepped.add(target)
+            row = target - self._base
+            if self._grad_scaler is not None and 0 <= row < self._buf.shape[0]:
+                self._record_gradients_at(row)
             self._update_step = None
             if self.update_every and target % self.update_every == 0:
                 self._take_snapshot()
@@ -467,27 +491,12 @@ class Monitor:
         if step - self._base >= self.flush_every:
             self._flush(upto=step)
         row = step - self._base
-        grads = [p.grad for p in self._params]
-        with torch.no_grad():
-            if any(g is None for g in grads):
-                missing = [g is None for g in grads]
-                self._host_missing[row] = missing
-                it = iter(self._grad_norms([g for g in grads if g is not None]))
-                norms = [self._zero if m else next(it) for m in missing]
-            else:
-                norms = self._grad_norms(grads)  # type: ignore[arg-type]
-            if isinstance(loss, torch.Tensor):
-                loss_t = loss.detach()
-                if loss_t.ndim:
-                    loss_t = loss_t.reshape(())
-            else:
-                loss_t = torch.full((), math.nan if loss is None else float(loss), device=self._device)
-            sentinel = [self._sentinel.get(i, self._zero) for i in range(self._n_watched + 1)]
-            values = [loss_t, *norms, *sentinel]
-            if not self._single_device:
-                values = [v.to(self._device) for v in values]
-            torch.stack(values, out=self._buf[row, : self._c_pnorm])  # the step's one device write
-            if self._sampling and self._observed:
+        if self._grad_scaler is not None:
+            self._record_loss_and_outputs(row, loss)  # gradients come, unscaled, from optimizer.step()
+        else:
+            self._record_loss_gradients_and_outputs(row, loss)
+        if self._sampling and self._observed:
+            with torch.no_grad():
                 self._finish_activations(step)
         if self._optimizer is not None:
             self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
@@ -500,6 +509,51 @@ class Monitor:
         self._step += 1
         self._forward_since_step = False
         self._sampling = self.activation_every > 0 and self._step % self.activation_every == 0
+
+    def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
+        grads = [p.grad for p in self._params]
+        with torch.no_grad():
+            if any(g is None for g in grads):
+                missing = [g is None for g in grads]
+                self._host_missing[row] = missing
+                it = iter(self._grad_norms([g for g in grads if g is not None]))
+                norms = [self._zero if m else next(it) for m in missing]
+            else:
+                norms = self._grad_norms(grads)  # type: ignore[arg-type]
+            values = [self._loss_tensor(loss), *norms, *self._sentinel_values()]
+            if not self._single_device:
+                values = [v.to(self._device) for v in values]
+            torch.stack(values, out=self._buf[row, : self._c_pnorm])  # the step's one device write
+
+    def _record_loss_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
+        with torch.no_grad():
+            self._buf[row, 0].copy_(self._loss_tensor(loss))
+            values = self._sentinel_values()
+            if not self._single_device:
+                values = [v.to(self._device) for v in values]
+            torch.stack(values, out=self._buf[row, self._c_sent : self._c_pnorm])
+
+    def _record_gradients_at(self, row: int) -> None:
+        """Gradient norms read inside optimizer.step() (with a GradScaler: after it unscaled them)."""
+        grads = [p.grad for p in self._params]
+        missing = [g is None for g in grads]
+        self._host_missing[row] = missing
+        with torch.no_grad():
+            it = iter(self._grad_norms([g for g in grads if g is not None]))
+            norms = [self._zero if m else next(it) for m in missing]
+            if not self._single_device:
+                norms = [n.to(self._device) for n in norms]
+            if norms:
+                torch.stack(norms, out=self._buf[row, self._c_grad : self._c_sent])
+
+    def _loss_tensor(self, loss: torch.Tensor | float | None) -> torch.Tensor:
+        if isinstance(loss, torch.Tensor):
+            loss_t = loss.detach()
+            return loss_t.reshape(()) if loss_t.ndim else loss_t
+        return torch.full((), math.nan if loss is None else float(loss), device=self._device)
+
+    def _sentinel_values(self) -> list[torch.Tensor]:
+        return [self._sentinel.get(i, self._zero) for i in range(self._n_watched + 1)]
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if not grads:
@@ -557,7 +611,7 @@ class Monitor:
         if n <= 0:
             return
         host = self._buf[:n].cpu().numpy().astype(np.float64)  # the one device-to-host copy
-        chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), self._derive_step_columns(host, n))]
+        chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), self._derive_step_columns(host, n, self._base))]
         if self._act_steps:
             k = len(self._act_steps)
             parts = self._act_buf[:k].cpu().numpy().astype(np.float64)  # (k, watched+1, parts)
@@ -580,7 +634,7 @@ class Monitor:
         if live and self._detection_due(upto):
             self._detect_live()
 
-    def _derive_step_columns(self, host: np.ndarray, n: int) -> np.ndarray:
+    def _derive_step_columns(self, host: np.ndarray, n: int, first_step: int) -> np.ndarray:
         """Device columns (per parameter) → stored columns (run, per layer, per parameter, sentinel)."""
         p = self._n_params
         grad = host[:, self._c_grad : self._c_grad + p]
@@ -592,6 +646,12 @@ class Monitor:
         lr = np.full((n, self._n_groups), math.nan)
         for i, row in enumerate(self._host_lr[:n]):
             lr[i] = [float(v) for v in row]  # tensor learning rates are read here, once per flush
+        if self._has_optimizer:
+            # 1 where optimizer.step() did not run for the step: a GradScaler skipping Inf/NaN
+            # gradients, or a loop that records steps it does not take
+            skipped = np.array([[float(s not in self._optimizer_stepped)] for s in range(first_step, first_step + n)])
+            self._optimizer_stepped.difference_update(range(first_step, first_step + n))
+            lr = np.concatenate([lr, skipped], axis=1)
         sq = grad * grad
         global_norm = np.sqrt(sq.sum(axis=1))
         n_layers = len(self._layout.layer_names)
