@@ -75,7 +75,7 @@ def test_steps_the_grad_scaler_skips_are_recorded_as_skipped() -> None:
 def test_grad_scaler_needs_an_optimizer_and_a_real_scaler() -> None:
     with pytest.raises(gradscope.InvalidInputError, match="expected an optimizer with grad_scaler"):
         gradscope.Monitor(_model(), grad_scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(gradscope.InvalidInputError, match="expected grad_scaler to be a torch.amp.GradScaler"):
+    with pytest.raises(gradscope.InvalidInputError, match=r"expected grad_scaler to be a torch\.amp\.GradScaler"):
         model = _model()
         gradscope.Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_scaler=2.0)  # type: ignore[arg-type]
 
