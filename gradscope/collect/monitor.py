@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradscope._version import __version__
 from gradscope.collect import stats
+from gradscope.collect.distributed import DistributedContext, refuse_sharded_parameters
 from gradscope.collect.layout import ModelLayout, describe_optimizer
 from gradscope.errors import InvalidInputError, TrainingFailure
 from gradscope.findings import Finding
@@ -131,6 +132,8 @@ class Monitor:
         self._select = list(select) if select is not None else None
         self._ignore = list(ignore) if ignore is not None else None
 
+        refuse_sharded_parameters(model)
+        self._dist = DistributedContext.detect()
         self._layout = layout = ModelLayout.of(model)
         if not layout.params:
             raise InvalidInputError(
@@ -212,7 +215,10 @@ class Monitor:
         self._next_detect_time = 0.0
         self._started = time.time()
 
-        self._writer = RunWriter(log_dir, overwrite=overwrite)
+        # Under torch.distributed only rank 0 writes; the other ranks keep a small in-memory store for
+        # the header and take part in the flush collective.
+        writes = self._dist is None or self._dist.is_writer
+        self._writer = RunWriter(log_dir if writes else None, overwrite=overwrite)
         self._handles: list[RemovableHandle] = []
         try:
             self._write_header(model, optimizer, layout, not_in_optimizer, metadata)
@@ -343,6 +349,7 @@ class Monitor:
                 "watched": layout.watched_names,
                 "optimizer": describe_optimizer(optimizer),
                 "device": str(self._device),
+                "world_size": self._dist.world_size if self._dist is not None else 1,
                 "config": {
                     "flush_every": self.flush_every,
                     "activation_every": self.activation_every,
@@ -356,6 +363,10 @@ class Monitor:
         run_cols += [(schema.RUN_LAYER, f"lr.{g}") for g in range(self._n_groups)]
         if optimizer is not None:
             run_cols.append((schema.RUN_LAYER, "optimizer_skipped"))
+        if self._dist is not None:
+            if self._dist.keeps_rank_losses:
+                run_cols += [(schema.RUN_LAYER, f"loss_rank.{r}") for r in range(self._dist.world_size)]
+            run_cols.append((schema.RUN_LAYER, "nonfinite_rank"))
         layer_cols = [(layer, metric) for metric in schema.LAYER_METRICS for layer in layout.layer_names]
         param_cols = [(p, metric) for metric in schema.PARAM_METRICS for p in layout.param_names]
         sentinel_cols = [(name, schema.OUTPUT_NONFINITE) for name in [*layout.watched_names, schema.INPUT_LAYER]]
@@ -610,15 +621,22 @@ class Monitor:
         n = upto - self._base
         if n <= 0:
             return
-        host = self._buf[:n].cpu().numpy().astype(np.float64)  # the one device-to-host copy
-        chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), self._derive_step_columns(host, n, self._base))]
-        if self._act_steps:
-            k = len(self._act_steps)
+        k = len(self._act_steps)
+        counts = self._act_counts[:k]
+        if self._dist is None:
+            host = self._buf[:n].cpu().numpy().astype(np.float64)  # the one device-to-host copy
             parts = self._act_buf[:k].cpu().numpy().astype(np.float64)  # (k, watched+1, parts)
-            act = stats.finish_on_host(parts, self._act_counts[:k])  # (k, watched+1, metrics)
-            act = act.transpose(0, 2, 1).reshape(k, -1)  # columns: metric-major
-            chunks.append((schema.FORWARD_STREAM, np.asarray(self._act_steps), act))
-        self._writer.append_chunks(chunks)  # one transaction: a crash keeps the whole flush or none of it
+            per_rank = None
+        else:
+            host, parts, counts, per_rank = self._combine_ranks(n, k)
+        if self._dist is None or self._dist.is_writer:
+            step_columns = self._derive_step_columns(host, n, self._base, per_rank)
+            chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), step_columns)]
+            if k:
+                act = stats.finish_on_host(parts, counts)  # (k, watched+1, metrics)
+                act = act.transpose(0, 2, 1).reshape(k, -1)  # columns: metric-major
+                chunks.append((schema.FORWARD_STREAM, np.asarray(self._act_steps), act))
+            self._writer.append_chunks(chunks)  # one transaction: a crash keeps the whole flush or none of it
         # Carry over the row of the step being recorded next (its update may already have landed).
         carry = self._buf[n].clone()
         self._buf.fill_(math.nan)
@@ -631,10 +649,39 @@ class Monitor:
         self._host_missing[1:] = False
         self._base = upto
         live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
-        if live and self._detection_due(upto):
+        if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto):
             self._detect_live()
 
-    def _derive_step_columns(self, host: np.ndarray, n: int, first_step: int) -> np.ndarray:
+    def _combine_ranks(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One all_gather of this flush's buffers, combined across ranks (see collect/distributed.py)."""
+        assert self._dist is not None
+        counts = torch.from_numpy(self._act_counts[:k]).to(self._device)
+        steps, acts, act_counts = self._dist.gather([self._buf[:n], self._act_buf[:k], counts])
+        steps_np = steps.cpu().numpy().astype(np.float64)  # (world, n, cols)
+        acts_np = acts.cpu().numpy().astype(np.float64)  # (world, k, watched+1, parts)
+        counts_np = act_counts.cpu().numpy().astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            host = steps_np.mean(axis=0)  # gradients, weights, updates: equal on every rank under DDP
+            host[:, self._c_sent : self._c_pnorm] = steps_np[:, :, self._c_sent : self._c_pnorm].sum(axis=0)
+            losses = steps_np[:, :, 0].T  # (n, world)
+            # A rank "went non-finite" by its own loss or forward outputs; gradients cannot tell, as
+            # DDP's all-reduce spreads one rank's NaN gradient to every rank.
+            outputs = steps_np[:, :, self._c_sent : self._c_pnorm]
+            bad = ~np.isfinite(losses) | ~np.isfinite(outputs).all(axis=2).T
+            first_bad = np.where(bad.any(axis=1), bad.argmax(axis=1), np.nan)
+            parts = acts_np.sum(axis=0)
+            parts[..., stats.PART_MIN] = acts_np[..., stats.PART_MIN].min(axis=0)
+            parts[..., stats.PART_MAX] = acts_np[..., stats.PART_MAX].max(axis=0)
+            parts[..., stats.PART_ALIVE] = acts_np[..., stats.PART_ALIVE].mean(axis=0)
+            counts_all = counts_np[0].copy()
+            counts_all[..., 0] = counts_np[..., 0].sum(axis=0)
+            counts_all[..., 2] = counts_np[..., 2].sum(axis=0)
+        per_rank = np.concatenate([losses if self._dist.keeps_rank_losses else np.zeros((n, 0)), first_bad[:, None]], axis=1)
+        return host, parts, counts_all, per_rank
+
+    def _derive_step_columns(
+        self, host: np.ndarray, n: int, first_step: int, per_rank: np.ndarray | None = None
+    ) -> np.ndarray:
         """Device columns (per parameter) → stored columns (run, per layer, per parameter, sentinel)."""
         p = self._n_params
         grad = host[:, self._c_grad : self._c_grad + p]
@@ -652,6 +699,8 @@ class Monitor:
             skipped = np.array([[float(s not in self._optimizer_stepped)] for s in range(first_step, first_step + n)])
             self._optimizer_stepped.difference_update(range(first_step, first_step + n))
             lr = np.concatenate([lr, skipped], axis=1)
+        if per_rank is not None:
+            lr = np.concatenate([lr, per_rank], axis=1)  # loss per rank, first non-finite rank
         sq = grad * grad
         global_norm = np.sqrt(sq.sum(axis=1))
         n_layers = len(self._layout.layer_names)

@@ -1,0 +1,100 @@
+"""Fixes are written from the run's own facts: its learning rate, optimizer, modules, input scale and
+healthy gradient norm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import synth
+
+from gradscope import Fix
+from gradscope.detect import advice as A
+from gradscope.testing import synthetic_run
+
+
+@pytest.mark.parametrize(
+    ("value", "text"), [(0.0834, "0.1"), (2.6e-3, "0.003"), (0.17, "0.2"), (4.2, "5"), (7.4, "10"), (1.0, "1"), (0.0, "0")]
+)
+def test_nice_number_rounds_to_1_2_3_5_times_a_power_of_ten(value: float, text: str) -> None:
+    assert A.nice_number(value) == text
+
+
+def test_describe_modules_compresses_long_runs_of_names() -> None:
+    types = {f"net.{i}": "Sigmoid" for i in range(1, 20, 2)}
+    assert A.describe_modules([f"net.{i}" for i in range(1, 20, 2)], types) == "`net.1`…`net.19` (10 Sigmoid)"
+    assert A.describe_modules(["a", "b"], {"a": "ReLU", "b": "GELU"}) == "`a`, `b` (GELU/ReLU)"
+    assert A.describe_modules([], {}) == "(none)"
+
+
+def test_facts_read_the_optimizer_and_the_model() -> None:
+    opt = {"class": "SGD", "defaults": {"lr": 0.3}, "param_groups": [{"lr": 0.3, "momentum": 0.99, "weight_decay": 1e-4}]}
+    run = synthetic_run(
+        np.full(20, 1.0),
+        grad_norm={"rnn": np.ones(20), "norm": np.ones(20), "head": np.ones(20)},
+        module_types={"rnn": "LSTM", "norm": "LayerNorm", "act": "Tanh", "head": "Linear"},
+        optimizer=opt,
+        lr=0.3,
+    )
+    f = A.facts(run)
+    assert f is A.facts(run)  # computed once per run
+    assert f.optimizer_class == "SGD" and f.momentum == 0.99 and f.weight_decay == 1e-4 and not f.is_adaptive
+    assert f.rnn_modules == ["rnn"] and f.has_norm and f.weight_layers == ["rnn", "head"]
+    assert f.saturating_modules == ["act"] and f.output_module == "head"
+    assert f.lr_text() == "lr=0.3, momentum=0.99 with SGD"
+
+
+def test_lower_lr_proposal_aims_at_a_one_percent_update() -> None:
+    # The first updates moved the weights by 80% of their norm: 80× too much for ~1% per step.
+    run = synth.mlp_run(np.full(50, 2.3), lr=8.0, update_ratio=np.r_[np.full(3, 0.8), np.full(47, 0.01)])
+    fix = A.lower_lr_fix(A.facts(run), 12)
+    assert fix.kind.value == "learning_rate"
+    assert fix.action.startswith("lr=8 with SGD diverged from step 12; try lr=0.1")
+    assert "80%" in fix.action
+
+
+def test_raise_lr_proposal_aims_at_a_thousandth_per_step() -> None:
+    run = synth.mlp_run(np.full(50, 2.3), lr=1e-5, update_ratio=4e-6)
+    fix = A.raise_lr_fix(A.facts(run), 4e-6)
+    assert "Try lr=0.003" in fix.action  # 1e-5 × 1e-3 / 4e-6 = 2.5e-3
+
+
+def test_clip_threshold_is_the_90th_percentile_of_the_healthy_gradient_norm() -> None:
+    n = 200
+    healthy = np.linspace(0.1, 2.0, 100)  # p90 = 1.81
+    grad = np.r_[healthy, np.full(n - 100, 1e5)]
+    run = synthetic_run(np.full(n, 1.0), grad_norm={"rnn": grad}, module_types={"rnn": "RNN"})
+    fix = A.clip_fix(A.facts(run), before=100)
+    assert fix.kind.value == "gradient_clipping"
+    assert "max_norm=2)" in fix.action and "`rnn` (RNN) is recurrent" in fix.action
+
+
+def test_unnormalised_inputs_are_named_with_their_statistics() -> None:
+    f = A.facts(synth.saturated_tanh())
+    assert f.input_unnormalised
+    fix = A.data_input_fix(f)
+    assert fix.kind.value == "data" and "std 380" in fix.action
+    assert not A.facts(synth.healthy_sgd()).input_unnormalised
+
+
+def test_init_gain_separates_default_large_and_small_initialisation() -> None:
+    default = A.facts(synth.mlp_run(np.full(50, 2.3), depth=4, init_gain=0.58)).init_gain
+    large = A.facts(synth.mlp_run(np.full(50, 2.3), depth=4, init_gain=11.0)).init_gain
+    small = A.facts(synth.mlp_run(np.full(50, 2.3), depth=4, init_gain=0.01)).init_gain
+    assert default == pytest.approx(np.log10(0.58), abs=0.05)
+    assert large > A.INIT_GAIN_DECADES > default > -A.INIT_GAIN_DECADES > small
+
+
+def test_likely_causes_put_the_recurrent_clip_before_the_learning_rate() -> None:
+    causes = A.likely_causes(A.facts(synth.exploding_rnn()), diverged=True)
+    assert [c.name for c in causes][:2] == ["exploding_recurrence", "lr_too_high"]
+
+
+def test_likely_causes_of_a_healthy_run_are_empty() -> None:
+    assert A.likely_causes(A.facts(synth.healthy_sgd())) == []
+
+
+def test_ranked_fixes_keep_one_fix_per_kind_except_learning_rate_and_code() -> None:
+    a = Fix("activation", "x")
+    b = Fix("activation", "y")
+    lr1, lr2 = Fix("learning_rate", "p"), Fix("learning_rate", "q")
+    assert A.ranked_fixes([a, lr1], [b, lr2, a]) == (a, lr1, lr2)
