@@ -209,7 +209,7 @@ class Monitor:
         self._sampling = self.activation_every > 0
         self._closed = False
         self._failed_hooks: set[str] = set()
-        self._live_seen: set[tuple[str, tuple[str, ...]]] = set()
+        self._live_seen: dict[str, int] = {}  # code -> highest severity rank reported live
         self._live_findings: list[Finding] = []
         self._last_detect = 0
         self._next_detect_time = 0.0
@@ -765,10 +765,12 @@ class Monitor:
 
     def _report_live(self, findings: Iterable[Finding]) -> None:
         for finding in findings:
-            key = (finding.code, finding.layers)
-            if key in self._live_seen:
+            # One report per problem: a detector's layer list can shift between checks as more steps
+            # arrive, so a code is reported again only when its severity rises.
+            seen = self._live_seen.get(finding.code)
+            if seen is not None and finding.severity.rank <= seen:
                 continue
-            self._live_seen.add(key)
+            self._live_seen[finding.code] = finding.severity.rank
             self._live_findings.append(finding)
             if self._on_finding_callable is not None:
                 self._on_finding_callable(finding)

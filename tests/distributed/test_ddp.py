@@ -53,3 +53,8 @@ def test_a_nan_on_one_rank_is_recorded_with_that_rank(tmp_path: Path) -> None:
     assert run.scalar("nonfinite_rank")[nan_step] == 1.0
     assert np.isnan(run.scalar("nonfinite_rank")[:nan_step]).all()
     assert run.metric("output_nonfinite").loc[nan_step, "(input)"] == 1.0
+    finding = next(f for f in gradscope.diagnose(run) if f.code == "nonfinite")
+    assert finding.step == nan_step
+    assert finding.evidence["rank"] == 1
+    assert "rank 1" in finding.message
+    assert finding.layers[0] == "(input)"

@@ -153,6 +153,12 @@ class NonFinite(Detector):
             "growth_decades_before": float(growth),
         }
         message = self._message(cause, s0, layers, f, end_run == 0, int(bad.sum()), lv.raw, i0)
+        rank = _first_nonfinite_rank(run, i0)
+        if rank is not None:
+            # Under torch.distributed the run records, per step, the lowest rank whose own loss or
+            # forward outputs went non-finite (the all-reduce then spreads it to every rank).
+            evidence["rank"] = rank
+            message += f" (first on rank {rank})"
         fixes = self._fixes(cause, f, s0, i0, layers)
         yield Finding(
             code=self.code,
@@ -324,3 +330,11 @@ def _grad_bad_layers(run: Run, row: int) -> list[str]:
     bad = [str(c) for c, v in frame.iloc[row].items() if np.isfinite(v) and v > 0]
     order = {layer: i for i, layer in enumerate(run.layers)}
     return sorted(bad, key=lambda layer: -order.get(layer, -1))
+
+
+def _first_nonfinite_rank(run: Run, i0: int) -> int | None:
+    if "nonfinite_rank" not in run.metrics:
+        return None
+    ranks = run.scalar("nonfinite_rank")
+    seen = ranks[i0:][np.isfinite(ranks[i0:])]
+    return int(seen[0]) if seen.size else None
