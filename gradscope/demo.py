@@ -88,13 +88,21 @@ def run_demo(
         print(findings.summary(), file=stream)
         print(f"   run: {run_dir}   report: {report_path}", file=stream)
         if config.name == "healthy":
-            print("\n== one step of the healthy network, traced (first training example):", file=stream)
-            print(trace_step(model, nn.functional.cross_entropy, images[:1], labels[:1], optimizer), file=stream)
+            with torch.no_grad():
+                wrong = (model(images).argmax(dim=1) != labels).nonzero().flatten()
+            i = int(wrong[0]) if len(wrong) else 0  # a digit the network still gets wrong teaches most
+            print(f"\n== one step of the healthy network, traced on training example {i}:", file=stream)
+            print(trace_step(model, nn.functional.cross_entropy, images[i : i + 1], labels[i : i + 1], optimizer), file=stream)
     print(f"\nfinished in {time.perf_counter() - started:.0f} s; open {out / 'healthy' / 'report.html'} and the others in a browser", file=stream)
     return results
 
 
 def _progress_bar(stream: TextIO, name: str, done: int, total: int, width: int = 30) -> None:
+    if not stream.isatty():  # a log file gets one line per configuration, not 40 overwritten ones
+        if done == total:
+            stream.write(f"  trained {name} for {total} steps\n")
+            stream.flush()
+        return
     filled = width * done // total
     stream.write(f"\r  training {name:<14} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
     if done == total:
