@@ -5,7 +5,7 @@ statistics into a run store; :func:`diagnose` reads a run and returns :class:`Fi
 concrete :class:`Fix`es; :func:`report` renders a run as one HTML page.
 
 Reading, diagnosing and reporting a run never import torch, so ``gradscope check`` starts fast and
-runs on machines without it; the names that need torch (``Monitor``, ``trace_step``) load on first use.
+runs on machines without it; the names that need torch (``Monitor``, ``preflight``, ``trace_step``) load on first use.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from gradscope.store.run import ModuleInfo, Run, load
 
 if TYPE_CHECKING:
     from gradscope.collect.monitor import Monitor
+    from gradscope.preflight_checks import PreflightResult, preflight
     from gradscope.trace import StepTrace, trace_step
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidInputError",
     "ModuleInfo",
     "Monitor",
+    "PreflightResult",
     "Run",
     "RunNotFoundError",
     "Severity",
@@ -54,6 +56,7 @@ __all__ = [
     "assert_healthy",
     "diagnose",
     "load",
+    "preflight",
     "registered_detectors",
     "report",
     "trace_step",
@@ -62,6 +65,8 @@ __all__ = [
 # Names whose modules import torch, loaded on first access (PEP 562).
 _LAZY = {
     "Monitor": "gradscope.collect.monitor",
+    "PreflightResult": "gradscope.preflight_checks",
+    "preflight": "gradscope.preflight_checks",
     "StepTrace": "gradscope.trace",
     "trace_step": "gradscope.trace",
 }

@@ -1,7 +1,7 @@
 """The ``gradscope`` command: ``check`` a run like a linter, write its HTML ``report``, run the ``demo``.
 
 Exit status of ``gradscope check``: 0 when no finding reaches ``--fail-on``, 1 when one does, 2 for
-a usage error or a run that cannot be read (with a one-line reason on stderr).
+a usage error, a run that cannot be read, or a run holding no step (with a one-line reason on stderr).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 _DESCRIPTION = "Find out why a PyTorch training run is failing."
-_EPILOG = """exit status of check: 0 no finding at or above --fail-on, 1 at least one, 2 usage error or unreadable run.
+_EPILOG = """exit status of check: 0 no finding at or above --fail-on, 1 at least one, 2 usage error, unreadable run or run without steps.
 examples:
   gradscope check runs/exp1
   gradscope check runs/exp1 --fail-on error --format github
@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     # The demo parses its own options; listed here so that it shows in --help.
     commands.add_parser("demo", help="train small models into runs with known problems, and diagnose them", add_help=False)
+    commands.add_parser("preflight", help="check a model in seconds before training it (see docs/preflight.md)", add_help=False)
     return parser
 
 
@@ -90,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args_list[:1] == ["demo"]:
             # The demo parses its own options (and its own --help).
             return _demo(args_list[1:])
+        if args_list[:1] == ["preflight"]:
+            from gradscope.preflight_checks import main as preflight_main  # imports torch: only when asked
+
+            return preflight_main(args_list[1:])
         args = _parser().parse_args(args_list)  # exits with 2 on usage errors, 0 on --help/--version
         if args.command == "check":
             return _check(args)
@@ -121,10 +126,10 @@ def _selection(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | 
 def _check(args: argparse.Namespace) -> int:
     from gradscope.checks import checked_codes, failing, format_findings
     from gradscope.detect.registry import diagnose
-    from gradscope.store.run import load
+    from gradscope.store.run import load, require_steps
 
     select, ignore = _selection(args)
-    run = load(args.run)
+    run = require_steps(load(args.run), "check")  # no steps: nothing was measured, so it must not "pass"
     findings = diagnose(run, select=select, ignore=ignore)
     text = format_findings(
         findings, args.output, source=args.run, fail_on=args.fail_on, run=run, codes=checked_codes(select, ignore)

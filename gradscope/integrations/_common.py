@@ -1,0 +1,109 @@
+"""What the framework callbacks share: turning ``on_finding`` into live actions, and the end-of-training
+diagnosis. Framework-free, so it imports without Lightning or transformers."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from gradscope.detect.registry import Findings, diagnose
+from gradscope.errors import InvalidInputError, TrainingFailure
+from gradscope.findings import Finding, Severity
+
+__all__ = ["FindingPolicy", "LiveAction", "final_findings"]
+
+_log = logging.getLogger("gradscope.integrations")
+
+# Monitor options the callbacks set themselves: passing them too would be ambiguous.
+RESERVED_OPTIONS = ("model", "optimizer", "log_dir", "on_finding")
+
+
+class LiveAction(enum.Enum):
+    WARN = "warn"
+    RAISE = "raise"
+    STOP = "stop"
+    NONE = "none"
+
+
+class FindingPolicy:
+    """What a callback does with each new live finding: log it, then warn, raise, stop or call the user.
+
+    Given to the :class:`~gradscope.Monitor` as its ``on_finding`` callable, so the callback sees every
+    finding (all severities) and keeps the framework's own stop flag in its hands.
+    """
+
+    def __init__(self, on_finding: str | Callable[[Finding], Any] | None, *, stacklevel: int = 2) -> None:
+        self.user_callable: Callable[[Finding], Any] | None = None
+        if on_finding is None:
+            self.action = LiveAction.NONE
+        elif callable(on_finding):
+            self.action = LiveAction.NONE
+            self.user_callable = on_finding
+        else:
+            try:
+                self.action = LiveAction(on_finding)
+            except ValueError:
+                raise InvalidInputError(
+                    f"expected on_finding to be 'warn', 'raise', 'stop', a callable or None but got {on_finding!r}"
+                ) from None
+        self.stop_requested: Finding | None = None
+        self.seen: list[Finding] = []
+        self.listeners: list[Callable[[Finding], None]] = []
+
+    @property
+    def live(self) -> bool:
+        """Whether the Monitor should run live detection at all."""
+        return self.action is not LiveAction.NONE or self.user_callable is not None
+
+    def monitor_option(self) -> Callable[[Finding], Any] | None:
+        return self if self.live else None
+
+    def __call__(self, finding: Finding) -> None:
+        self.seen.append(finding)
+        _log.info("gradscope: %s", finding)
+        for listener in self.listeners:
+            listener(finding)
+        if self.user_callable is not None:
+            self.user_callable(finding)
+            return
+        is_error = finding.severity is Severity.ERROR
+        if self.action is LiveAction.RAISE and is_error:
+            raise TrainingFailure(finding)
+        # As the Monitor's own "raise": errors raise, nothing else is said; "stop" warns like "warn".
+        if self.action in (LiveAction.WARN, LiveAction.STOP) and finding.severity.rank >= 1:
+            warnings.warn(f"gradscope: {finding}", RuntimeWarning, stacklevel=2)
+        if self.action is LiveAction.STOP and is_error and self.stop_requested is None:
+            self.stop_requested = finding
+
+    def warn_unseen(self, findings: Findings) -> None:
+        """At the end of training: warn about findings of the full diagnosis that live detection missed."""
+        if self.action not in (LiveAction.WARN, LiveAction.STOP) and self.user_callable is None:
+            return
+        seen = {(f.code, f.layers) for f in self.seen}
+        for finding in findings:
+            if (finding.code, finding.layers) in seen or finding.severity.rank < 1:
+                continue
+            if self.user_callable is not None:
+                self.user_callable(finding)
+            else:
+                warnings.warn(f"gradscope: {finding}", RuntimeWarning, stacklevel=2)
+
+
+def check_monitor_options(options: dict[str, Any], where: str) -> None:
+    clash = sorted(set(options) & set(RESERVED_OPTIONS))
+    if clash:
+        raise InvalidInputError(
+            f"expected Monitor options other than {', '.join(RESERVED_OPTIONS)} but got {', '.join(clash)}; "
+            f"{where} attaches the Monitor to the framework's model and optimizer itself, and takes log_dir and "
+            "on_finding as its own arguments"
+        )
+
+
+def final_findings(run: Any) -> Findings:
+    """The diagnosis of the whole run at the end of training (not the bounded live window)."""
+    findings = diagnose(run)
+    _log.info("gradscope diagnosis of %s:\n%s", getattr(run, "path", None) or "the run", findings.summary())
+    return findings
