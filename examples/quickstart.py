@@ -25,7 +25,7 @@ def main(log_dir: str | None = None, steps: int = 300) -> gradscope.Run:
     loss_fn = nn.CrossEntropyLoss()
 
     with gradscope.Monitor(model, optimizer, log_dir=log_dir, overwrite=True) as monitor:
-        for step in range(steps):
+        for _ in range(steps):
             batch = torch.randint(0, len(images), (64,))
             optimizer.zero_grad()
             loss = loss_fn(model(images[batch]), labels[batch])

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import sys
-import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field

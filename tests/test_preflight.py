@@ -403,7 +403,7 @@ def test_the_pytest_example_passes_on_the_model_and_catches_its_bug() -> None:
 
 
 def test_gradscope_preflight_is_the_function_after_its_module_is_imported(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
-    import gradscope.preflight_checks  # noqa: F401  (the module's name must not shadow the function)
+    import gradscope.preflight_checks
 
     result = gradscope.preflight(mlp(), F.cross_entropy, digits, select=["label_range"])
     assert isinstance(result, PreflightResult) and result.passed == ["label_range"]
