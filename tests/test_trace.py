@@ -68,5 +68,5 @@ def test_trace_shows_the_optimizer_step_and_changes_nothing() -> None:
 
 
 def test_trace_rejects_a_non_module() -> None:
-    with pytest.raises(gradscope.InvalidInputError, match="expected model to be a torch.nn.Module"):
+    with pytest.raises(gradscope.InvalidInputError, match=r"expected model to be a torch\.nn\.Module"):
         trace_step("model", nn.functional.cross_entropy, torch.randn(1, 6), torch.tensor([0]))  # type: ignore[arg-type]
