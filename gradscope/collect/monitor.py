@@ -74,7 +74,10 @@ class Monitor:
             update/weight ratio drifts slowly, and each measurement copies and reads every parameter
             twice. Holds one copy of the parameters in memory.
         check_outputs: look for NaN/Inf in every watched module's output on every step (one
-            ``sum`` per module), so a non-finite value can be traced to the module that made it.
+            ``sum`` per module, an extra read of every activation), so a non-finite value can be
+            traced to the exact module that made it. Off by default: the input batch and the
+            model's output are checked every step and every module on sampled steps, which tells
+            bad data from a bad loss from a bad model at a fraction of the cost.
         on_finding: what live detection does with a new finding: ``"warn"`` (a Python warning),
             ``"raise"`` (raise :class:`gradscope.TrainingFailure` on the first error), a callable
             taking the :class:`Finding`, or ``None`` (no live detection).
@@ -102,7 +105,7 @@ class Monitor:
         flush_every: int = 50,
         activation_every: int = 20,
         update_every: int = 10,
-        check_outputs: bool = True,
+        check_outputs: bool = False,
         on_finding: OnFinding = "warn",
         detect_every: int | None = None,
         live_window: int = 2000,
@@ -175,13 +178,14 @@ class Monitor:
         # host at flush (see _derive_step_columns).
         self._c_grad = 1
         self._c_sent = self._c_grad + n_params
-        self._c_pnorm = self._c_sent + n_watched + 1
+        self._c_pnorm = self._c_sent + n_watched + 2  # watched modules, the input batch, the model's output
         self._c_upd = self._c_pnorm + n_params
         self._n_dev_cols = self._c_upd + n_params
         rows = self.flush_every + 1  # +1: the row of a step whose update lands before it is recorded
         self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
         self._host_lr: list[list[Any]] = []
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
+        self._host_modules_checked = np.zeros(rows, dtype=bool)  # module outputs were checked on that step
         # Activation statistics: one row per sampled step, watched modules + input.
         act_rows = self.flush_every // max(self.activation_every, 1) + 2
         self._act_buf = torch.full((act_rows, n_watched + 1, stats.N_ACT_PARTS), math.nan, device=self._device)
@@ -220,6 +224,7 @@ class Monitor:
         writes = self._dist is None or self._dist.is_writer
         self._writer = RunWriter(log_dir if writes else None, overwrite=overwrite)
         self._handles: list[RemovableHandle] = []
+        self._module_handles: list[RemovableHandle] = []
         try:
             self._write_header(model, optimizer, layout, not_in_optimizer, metadata)
             self._attach(model, optimizer)
@@ -369,7 +374,9 @@ class Monitor:
             run_cols.append((schema.RUN_LAYER, "nonfinite_rank"))
         layer_cols = [(layer, metric) for metric in schema.LAYER_METRICS for layer in layout.layer_names]
         param_cols = [(p, metric) for metric in schema.PARAM_METRICS for p in layout.param_names]
-        sentinel_cols = [(name, schema.OUTPUT_NONFINITE) for name in [*layout.watched_names, schema.INPUT_LAYER]]
+        sentinel_cols = [
+            (name, schema.OUTPUT_NONFINITE) for name in [*layout.watched_names, schema.INPUT_LAYER, schema.OUTPUT_LAYER]
+        ]
         self._writer.define_stream(schema.STEP_STREAM, run_cols + layer_cols + param_cols + sentinel_cols)
         act_cols = [
             (name, metric) for metric in schema.ACTIVATION_METRICS for name in [*layout.watched_names, schema.INPUT_LAYER]
@@ -377,17 +384,32 @@ class Monitor:
         self._writer.define_stream(schema.FORWARD_STREAM, act_cols)
 
     def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        for index, module in enumerate(self._layout.watched_modules):
-            self._handles.append(module.register_forward_hook(self._make_output_hook(index)))
+        self._attach_module_hooks()  # step 0 always: it gives the forward order
         self._handles.append(model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._model_output_hook))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
     def _detach(self) -> None:
+        self._detach_module_hooks()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    # Hooks on every watched module run only on the steps that need them (sampled steps, or every
+    # step with check_outputs=True): a module with no hook takes PyTorch's fast call path, so the
+    # other steps pay nothing per module.
+    def _attach_module_hooks(self) -> None:
+        if self._module_handles:
+            return
+        for index, module in enumerate(self._layout.watched_modules):
+            self._module_handles.append(module.register_forward_hook(self._make_output_hook(index)))
+
+    def _detach_module_hooks(self) -> None:
+        for handle in self._module_handles:
+            handle.remove()
+        self._module_handles.clear()
 
     # ------------------------------------------------------------------ hooks (hot path)
 
@@ -418,16 +440,28 @@ class Monitor:
         except Exception as e:
             self._hook_failed(schema.INPUT_LAYER, e)
 
+    def _model_output_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled() or schema.OUTPUT_LAYER in self._failed_hooks:
+            return
+        try:
+            x = stats.first_tensor(output)
+            if x is not None and stats.is_measurable(x):
+                self._add_sentinel(self._n_watched + 1, x.detach())
+        except Exception as e:
+            self._hook_failed(schema.OUTPUT_LAYER, e)
+
+    def _add_sentinel(self, index: int, x: torch.Tensor) -> None:
+        total = x.sum(dtype=torch.float32)  # NaN/Inf anywhere makes the sum non-finite
+        previous = self._sentinel.get(index)
+        self._sentinel[index] = total if previous is None else previous + total
+
     def _observe(self, index: int, x: torch.Tensor | None) -> None:
         if x is None or not stats.is_measurable(x):
             return
         if self._step == 0 and index < self._n_watched and index not in self._call_order:
             self._call_order.append(index)  # forward order is taken from step 0 only
         x = x.detach()
-        if self.check_outputs:
-            total = x.sum(dtype=torch.float32)  # NaN/Inf anywhere makes the sum non-finite
-            previous = self._sentinel.get(index)
-            self._sentinel[index] = total if previous is None else previous + total
+        self._add_sentinel(index, x)
         if self._sampling:
             observed = stats.observe(x, self._bounded[index], units=index < self._n_watched)
             previous_obs = self._observed.get(index)
@@ -515,11 +549,16 @@ class Monitor:
             self._take_snapshot()
         if step == 0:
             self._record_forward_order()
+        self._host_modules_checked[row] = bool(self._module_handles)
         self._sentinel.clear()
         self._observed.clear()
         self._step += 1
         self._forward_since_step = False
         self._sampling = self.activation_every > 0 and self._step % self.activation_every == 0
+        if self.check_outputs or self._sampling:
+            self._attach_module_hooks()
+        else:
+            self._detach_module_hooks()
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         grads = [p.grad for p in self._params]
@@ -564,7 +603,7 @@ class Monitor:
         return torch.full((), math.nan if loss is None else float(loss), device=self._device)
 
     def _sentinel_values(self) -> list[torch.Tensor]:
-        return [self._sentinel.get(i, self._zero) for i in range(self._n_watched + 1)]
+        return [self._sentinel.get(i, self._zero) for i in range(self._n_watched + 2)]
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if not grads:
@@ -647,6 +686,8 @@ class Monitor:
         self._host_lr = self._host_lr[n:]
         self._host_missing[0] = self._host_missing[n]
         self._host_missing[1:] = False
+        self._host_modules_checked[0] = self._host_modules_checked[n]
+        self._host_modules_checked[1:] = False
         self._base = upto
         live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
         if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto):
@@ -719,6 +760,7 @@ class Monitor:
             layer_missing[:, layer] = missing[:, idx].sum(axis=1)
         with np.errstate(invalid="ignore"):
             output_nonfinite = (~np.isfinite(sentinel)).astype(np.float64)
+        output_nonfinite[~self._host_modules_checked[:n], : self._n_watched] = np.nan  # not checked
         return np.concatenate(
             [
                 host[:, :1],

@@ -7,6 +7,7 @@ __all__ = [
     "FORWARD_STREAM",
     "INPUT_LAYER",
     "LAYER_METRICS",
+    "OUTPUT_LAYER",
     "PARAM_METRICS",
     "RUN_LAYER",
     "STEP_STREAM",
@@ -17,6 +18,7 @@ FORWARD_STREAM = "forward"  # one row per step on which activations were sampled
 
 RUN_LAYER = "(run)"  # run-level series: loss, global grad norm, learning rates
 INPUT_LAYER = "(input)"  # the batch given to the model's forward
+OUTPUT_LAYER = "(output)"  # what the model's forward returned
 
 LAYER_METRICS = (
     "grad_norm",  # L2 norm of the gradients of the parameters a module owns directly
@@ -26,7 +28,9 @@ LAYER_METRICS = (
     "grad_missing",  # parameters that require grad but received none (grad is None)
 )
 PARAM_METRICS = ("param_grad_norm", "param_weight_norm", "param_update_norm", "param_grad_missing")
-OUTPUT_NONFINITE = "output_nonfinite"  # every step: 1 when a module's output held NaN/Inf
+# 1 when a module's output held NaN/Inf: every step for the input batch and the model's output, and
+# for each watched module on sampled steps (every step with check_outputs=True); NaN when not checked
+OUTPUT_NONFINITE = "output_nonfinite"
 ACTIVATION_METRICS = (
     "act_mean",
     "act_std",

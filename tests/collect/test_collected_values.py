@@ -118,18 +118,19 @@ class _InjectNonFinite(nn.Module):
 
 def test_nonfinite_outputs_are_counted_and_traced_to_the_module(quiet: dict[str, Any]) -> None:
     model = nn.Sequential(nn.Linear(4, 4), _InjectNonFinite(), nn.Linear(4, 2))
-    with gradscope.Monitor(model, activation_every=2, update_every=1, **quiet) as mon:
+    with gradscope.Monitor(model, activation_every=2, update_every=1, check_outputs=True, **quiet) as mon:
         for _ in range(3):
             model.zero_grad()
             model(torch.randn(8, 4)).sum().backward()
             mon.step(1.0)
         run = mon.run
-    # every step: a 0/1 flag per module (the sentinel), also on steps without activation sampling
+    # check_outputs=True: every step a 0/1 flag per module, also on steps without activation sampling
     flags = run.metric("output_nonfinite")
     assert (flags["0"] == 0).all()
     assert (flags["1"] == 1).all()
     assert (flags["2"] == 1).all()  # the non-finite values flow on
     assert (flags[run.input_layer] == 0).all()
+    assert (flags["(output)"] == 1).all()
     # sampled steps (0 and 2): the exact count
     counts = run.metric("act_nonfinite")
     np.testing.assert_array_equal(counts.index, [0, 2])
@@ -144,3 +145,22 @@ def test_nonfinite_outputs_are_counted_and_traced_to_the_module(quiet: dict[str,
     assert (run.metric("grad_nonfinite")["0"] == 0).all()
     assert (run.metric("param_grad_norm")["2.weight"].isna() | np.isinf(run.metric("param_grad_norm")["2.weight"])).all()
     assert not np.isfinite(run.grad_norm).any()
+
+
+def test_by_default_modules_are_checked_on_sampled_steps_and_the_model_output_on_every_step(quiet: dict[str, Any]) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _InjectNonFinite(), nn.Linear(4, 2))
+    hooks_on_next_step = []
+    with gradscope.Monitor(model, activation_every=2, **quiet) as mon:
+        for _ in range(4):
+            model.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            mon.step(1.0)
+            hooks_on_next_step.append(len(model[1]._forward_hooks))
+        run = mon.run
+    flags = run.metric("output_nonfinite")
+    assert flags["(output)"].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert flags["(input)"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert flags["1"].iloc[[0, 2]].tolist() == [1.0, 1.0]
+    assert flags["1"].iloc[[1, 3]].isna().all()  # not checked on the steps between samples
+    # module hooks are attached only for sampled steps: the others take PyTorch's fast call path
+    assert hooks_on_next_step == [0, 1, 0, 1]

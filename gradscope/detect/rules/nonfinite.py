@@ -14,7 +14,7 @@ from gradscope.detect.base import Detector
 from gradscope.detect.rules._common import loss_view, step_at
 from gradscope.findings import Finding, Fix, FixKind, Severity
 from gradscope.store.run import Run
-from gradscope.store.schema import OUTPUT_NONFINITE
+from gradscope.store.schema import OUTPUT_LAYER, OUTPUT_NONFINITE
 
 __all__ = ["NonFinite"]
 
@@ -220,6 +220,11 @@ class NonFinite(Detector):
             return f"the run diverged into NaN/Inf at {where}: {what} went non-finite after the loss/gradients grew{tail}"
         if cause == "loss":
             return f"the loss became NaN/Inf at {where} while every module output was finite: the loss computation itself is unstable{tail}"
+        if cause == "module" and first == OUTPUT_LAYER:
+            return (
+                f"the model's output went NaN/Inf at {where} from a finite input batch; modules are checked on sampled "
+                f"steps only, so pass `check_outputs=True` to gradscope.Monitor to name the module that produced it{tail}"
+            )
         if cause == "module":
             return f"`{first}` ({kind}) was the first module, in forward order, to output NaN/Inf at {where}{tail}"
         if cause == "skipped":
@@ -268,11 +273,16 @@ class NonFinite(Detector):
             )
         if cause == "module":
             first = layers[0] if layers else "?"
+            culprit = (
+                "A module of the model (rerun with `gradscope.Monitor(..., check_outputs=True)` to name it)"
+                if first == OUTPUT_LAYER
+                else f"`{first}` ({f.types.get(first, '?')})"
+            )
             return A.ranked_fixes(
                 [
                     Fix(
                         FixKind.CODE,
-                        f"`{first}` ({f.types.get(first, '?')}) produced NaN/Inf from finite inputs at step {step}: check "
+                        f"{culprit} produced NaN/Inf from finite inputs at step {step}: check "
                         "its numerics (log/sqrt/pow of values ≤ 0, division by a norm or a variance that can be 0, "
                         "exp overflow) and add clamping or an epsilon.",
                     ),
