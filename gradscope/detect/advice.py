@@ -12,7 +12,6 @@ The ``*_fix`` helpers write one :class:`~gradscope.Fix` each, with the run's own
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -751,23 +750,25 @@ class RunFacts:
         return float(10**value) if np.isfinite(value) else math.nan
 
 
-_VIEWS: weakref.WeakKeyDictionary[Run, LossView] = weakref.WeakKeyDictionary()
-_FACTS: weakref.WeakKeyDictionary[Run, RunFacts] = weakref.WeakKeyDictionary()
-
-
 def loss_view(run: Run) -> LossView:
-    """The :class:`LossView` of ``run``, computed once per run."""
-    view = _VIEWS.get(run)
+    """The :class:`LossView` of ``run``, computed once per run (kept on the run, freed with it)."""
+    view: LossView | None = getattr(run, "_gradscope_loss_view", None)
     if view is None:
-        view = _VIEWS[run] = LossView(run)
+        view = LossView(run)
+        run._gradscope_loss_view = view  # type: ignore[attr-defined]
     return view
 
 
 def facts(run: Run) -> RunFacts:
-    """The :class:`RunFacts` of ``run``, computed once and shared by every detector."""
-    found = _FACTS.get(run)
+    """The :class:`RunFacts` of ``run``, computed once and shared by every detector.
+
+    Kept on the run itself, so it is freed with the run: live detection builds a new Run at every
+    check, and a registry keyed by run would keep each of them alive (the facts refer to their run).
+    """
+    found: RunFacts | None = getattr(run, "_gradscope_facts", None)
     if found is None:
-        found = _FACTS[run] = RunFacts(run)
+        found = RunFacts(run)
+        run._gradscope_facts = found  # type: ignore[attr-defined]
     return found
 
 
