@@ -1,6 +1,12 @@
-"""A 2-rank DistributedDataParallel job for tests/distributed (run with torchrun, gloo, CPU).
+"""gradscope under torch.distributed: a 2-rank DistributedDataParallel job on the CPU (gloo backend).
 
-Usage: torchrun --nproc_per_node=2 ddp_job.py LOG_DIR MODE OUT_DIR
+Every rank creates the same Monitor; ranks combine their statistics once per flush and rank 0
+writes the run. Run it, then diagnose:
+
+    torchrun --standalone --nproc_per_node=2 examples/ddp_example.py runs/ddp healthy /tmp
+    gradscope check runs/ddp
+
+Usage: torchrun --standalone --nproc_per_node=2 ddp_example.py LOG_DIR MODE OUT_DIR
 MODE "healthy" trains normally; "nan_rank1" puts a NaN into rank 1's batch at step NAN_STEP.
 Each rank writes what it saw (its losses, and on rank 0 the averaged gradient norms) to OUT_DIR.
 """
