@@ -18,7 +18,7 @@ from typing import Any
 from gradscope.detect.registry import Findings, diagnose, registered_detectors
 from gradscope.errors import InvalidInputError
 from gradscope.findings import Finding, Severity, sort_findings
-from gradscope.store.run import Run, load
+from gradscope.store.run import Run, load, require_steps
 
 __all__ = [
     "OutputFormat",
@@ -96,10 +96,10 @@ def assert_healthy(
 
     Raises:
         AssertionError: with one line per failing finding and its fixes.
-        GradscopeError: the run cannot be read, or a code or severity is unknown.
+        GradscopeError: the run cannot be read or holds no step, or a code or severity is unknown.
     """
     level = Severity.parse(fail_on)
-    loaded = load(run)
+    loaded = require_steps(load(run), "check")  # a run that measured nothing must not pass as healthy
     findings = diagnose(loaded, select=parse_codes(select), ignore=parse_codes(ignore))
     bad = failing(findings, level)
     if bad:

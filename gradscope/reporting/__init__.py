@@ -18,7 +18,7 @@ from pathlib import Path
 from gradscope.errors import InvalidInputError
 from gradscope.findings import Finding
 from gradscope.reporting.html import render_html
-from gradscope.store.run import Run, load
+from gradscope.store.run import Run, load, require_steps
 
 __all__ = ["render_html", "report"]
 
@@ -35,7 +35,7 @@ def report(
 
     Args:
         run: a run directory (the ``log_dir`` given to :class:`gradscope.Monitor`) or a :class:`gradscope.Run`.
-            A run still being written, or cut short by a crash, gives a report of what it holds, marked partial.
+            A run still being written, or cut short by a crash, gives a report of what it holds, marked partial; a run with no recorded step is refused.
         path: the HTML file to write; missing parent directories are created.
         findings: the findings to show; by default the run is diagnosed with :func:`gradscope.diagnose`.
         select, ignore: detector codes to run or skip when diagnosing (as in :func:`gradscope.diagnose`).
@@ -44,12 +44,12 @@ def report(
     Long runs are drawn from min/max envelopes per step bucket, so spikes and NaN/Inf steps stay visible.
 
     Raises:
-        RunNotFoundError, UnreadableRunError: the run cannot be read.
+        RunNotFoundError, UnreadableRunError: the run cannot be read, or it holds no recorded step.
         InvalidInputError: ``path`` is a directory, or an unknown detector code was given.
     """
     from gradscope.detect.registry import diagnose  # the report is downstream of detection
 
-    loaded = load(run)
+    loaded = require_steps(load(run), "report")  # an empty page would hide that nothing was recorded
     out = Path(path)
     if out.is_dir():
         raise InvalidInputError(f"expected a file path for the report but got the directory {str(out)!r}; pass e.g. {str(out / 'report.html')!r}")

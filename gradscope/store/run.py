@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,7 +23,7 @@ from gradscope.store.schema import (
     STEP_STREAM,
 )
 
-__all__ = ["ModuleInfo", "Run", "load"]
+__all__ = ["ModuleInfo", "Run", "load", "require_steps"]
 
 
 @dataclass(frozen=True)
@@ -266,11 +267,57 @@ def load(path: str | os.PathLike[str] | Run, *, since_step: int | None = None) -
     """
     if isinstance(path, Run):
         return path
+    # A reader may arrive while a Monitor is creating the run (a live report started with the
+    # training): give the writer a moment to commit its header rather than call the run broken.
+    deadline = time.monotonic() + _CREATION_WAIT_S
+    while True:
+        try:
+            return _load_once(path, since_step)
+        except db.IncompleteRunError:
+            if time.monotonic() > deadline or not db.being_created(path):
+                raise
+            time.sleep(0.01)
+
+
+_CREATION_WAIT_S = 2.0  # a Monitor's header takes milliseconds; a writer slower than this is stuck
+
+
+def _load_once(path: str | os.PathLike[str], since_step: int | None) -> Run:
     conn, _ = db.connect_for_reading(path)
     try:
         run = Run._from_connection(conn, str(path), Path(path), since_step=since_step)
     finally:
         conn.close()
     if "modules" not in run.meta:
-        raise UnreadableRunError(f"cannot read run {str(path)!r}: it holds no model description; the writer died before its first flush")
+        raise db.IncompleteRunError(
+            f"cannot read run {str(path)!r}: it holds no model description; the writer died before its first flush"
+        )
     return run
+
+
+def require_steps(run: Run, action: str = "diagnose") -> Run:
+    """Return ``run`` if it holds at least one step; otherwise raise, saying why it holds none.
+
+    A run with no step loads (a live reader may open it before the first flush), but checking or
+    reporting it would pass as "healthy" while nothing was measured: ``gradscope check``,
+    ``gradscope report`` and :func:`gradscope.assert_healthy` refuse it with this error.
+
+    Raises:
+        UnreadableRunError: the run holds no recorded step.
+    """
+    if run.n_steps:
+        return run
+    where = str(run.path) if run.path is not None else "the run"
+    if run.status == "complete":
+        why = "the Monitor was closed before any step() call; call monitor.step(loss) after each loss.backward()"
+    elif run.status == "failed":
+        why = "the training raised before its first step was recorded; fix the error and train again"
+    else:
+        config = run.meta.get("config")
+        flush = config.get("flush_every") if isinstance(config, dict) else None
+        every = f" (every {flush} steps)" if isinstance(flush, int) else ""
+        why = (
+            f"it is still being written or its process died before the first flush{every}; "
+            "check again later, or pass a smaller flush_every to Monitor"
+        )
+    raise UnreadableRunError(f"cannot {action} run {where!r}: expected recorded steps but it holds none: {why}")

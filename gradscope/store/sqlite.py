@@ -12,6 +12,7 @@ processes see a consistent state while the writer goes on.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -26,7 +27,7 @@ import numpy as np
 
 from gradscope.errors import InvalidInputError, RunNotFoundError, UnreadableRunError
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Chunk", "RunWriter", "connect_for_reading"]
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "Chunk", "IncompleteRunError", "RunWriter", "being_created", "connect_for_reading"]
 
 DB_NAME = "run.sqlite"
 LOCK_NAME = ".gradscope.lock"
@@ -66,14 +67,44 @@ class RunWriter:
     def __init__(self, log_dir: str | os.PathLike[str] | None, *, overwrite: bool = False) -> None:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self._lock_fd: int | None = None
+        self._closed = False
         if self.log_dir is None:
             self.conn = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
-        else:
-            self.conn = self._open_dir(self.log_dir, overwrite)
-        self.conn.executescript(_SCHEMA)
-        self.set_meta({"schema_version": SCHEMA_VERSION, "status": "running"})
+            self._create_schema()
+            return
+        created: Path | None = None
+        try:
+            self.conn, created = self._open_dir(self.log_dir, overwrite)
+            self._create_schema()
+        except (OSError, sqlite3.Error) as e:
+            # Nothing has been trained yet: refusing now, with the reason, beats losing the run later.
+            if created is not None:
+                self.conn.close()
+                _remove_db(created)  # a half-created file would read as "not a run" and block the next Monitor
+            self._release_lock()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise InvalidInputError(
+                f"expected log_dir {str(self.log_dir)!r} to be a directory gradscope can write a run to, but writing "
+                f"failed: {reason}; pass a writable directory with free space, or log_dir=None to keep the run in memory"
+            ) from None
+        except BaseException:
+            self._release_lock()
+            raise
 
-    def _open_dir(self, log_dir: Path, overwrite: bool) -> sqlite3.Connection:
+    def _create_schema(self) -> None:
+        # Tables and the first metadata in one transaction: a reader never sees a half-made run (a
+        # meta table without a schema version reads as "not written by gradscope").
+        first_meta = ", ".join(
+            f"('{key}', '{json.dumps(value)}')" for key, value in {"schema_version": SCHEMA_VERSION, "status": "running"}.items()
+        )
+        try:
+            self.conn.executescript(f"BEGIN;\n{_SCHEMA}\nINSERT INTO meta (key, value) VALUES {first_meta};\nCOMMIT;")
+        except BaseException:
+            _rollback(self.conn)
+            raise
+
+    def _open_dir(self, log_dir: Path, overwrite: bool) -> tuple[sqlite3.Connection, Path]:
+        """Lock ``log_dir`` and open a new ``run.sqlite`` in it; return the connection and the file's path."""
         if log_dir.exists() and not log_dir.is_dir():
             raise InvalidInputError(f"expected log_dir to be a directory but {str(log_dir)!r} is a file; pass a directory path")
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -94,14 +125,18 @@ class RunWriter:
                 raise InvalidInputError(
                     f"log_dir {str(log_dir)!r} already holds a run; choose a new directory or pass overwrite=True to replace it"
                 )
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{db}{suffix}").unlink(missing_ok=True)
+            _remove_db(db)
         conn = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a process crash (our failure model); only an OS
-        # crash or power loss can lose the last transactions, and it costs no fsync per flush.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash (our failure model); only an OS
+            # crash or power loss can lose the last transactions, and it costs no fsync per flush.
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            conn.close()
+            _remove_db(db)
+            raise
+        return conn, db
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -152,14 +187,22 @@ class RunWriter:
             )
 
     def close(self, status: str) -> None:
-        if self.conn is None:
+        """Record the final ``status`` and release the file and the directory lock. Safe to call twice.
+
+        When the status cannot be written (a full disk), the file and the lock are released all the
+        same and the error is raised; the run then reads as partial (status ``"running"``).
+        """
+        if self._closed:
             return
+        self._closed = True
         try:
             self.set_meta({"status": status, "ended_at": time.time()})
-            if self.log_dir is not None:
-                self.conn.close()
         finally:
-            self._release_lock()
+            try:
+                if self.log_dir is not None:
+                    self.conn.close()
+            finally:
+                self._release_lock()
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)
@@ -173,10 +216,53 @@ class _Transaction:
         self.conn.execute("BEGIN")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is not None:
+            _rollback(self.conn)
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            _rollback(self.conn)  # else every later BEGIN fails with "transaction within a transaction"
+            raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any, without masking the error that caused it.
+
+    SQLite rolls back by itself on some errors (a full disk, an I/O error); a second ROLLBACK would
+    then raise "no transaction is active" and hide the real cause from the user.
+    """
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _remove_db(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- reading
+
+# A Monitor creates run.sqlite, its tables and the model description in three commits a few
+# milliseconds apart. A file that young, next to a Monitor's lock file, and still without them is
+# most likely being created right now: readers give the writer this long before calling it broken.
+CREATION_WINDOW_S = 10.0
+
+
+class IncompleteRunError(UnreadableRunError):
+    """A run file without its header (tables, model description): being created, or its writer died doing so."""
+
+
+def being_created(path: str | os.PathLike[str]) -> bool:
+    """Whether the run at ``path`` looks like one a Monitor started moments ago (see ``CREATION_WINDOW_S``)."""
+    p = Path(path)
+    run_dir = p if p.is_dir() else p.parent
+    try:
+        age = time.time() - (run_dir / DB_NAME).stat().st_mtime
+    except OSError:
+        return False
+    return (run_dir / LOCK_NAME).exists() and age < CREATION_WINDOW_S
 
 
 def connect_for_reading(path: str | os.PathLike[str]) -> tuple[sqlite3.Connection, Path]:
@@ -194,9 +280,10 @@ def connect_for_reading(path: str | os.PathLike[str]) -> tuple[sqlite3.Connectio
             header = f.read(16)
     except OSError as e:
         raise UnreadableRunError(f"cannot read run {str(db)!r}: {e.strerror}") from None
+    if not header:  # sqlite3.connect() creates the file; its first page comes with the first write
+        raise IncompleteRunError(f"cannot read run {str(db)!r}: it is an empty file; pass a log_dir written by gradscope.Monitor")
     if header != b"SQLite format 3\x00":
-        what = "an empty file" if not header else "not a gradscope run database"
-        raise UnreadableRunError(f"cannot read run {str(db)!r}: it is {what}; pass a log_dir written by gradscope.Monitor")
+        raise UnreadableRunError(f"cannot read run {str(db)!r}: it is not a gradscope run database; pass a log_dir written by gradscope.Monitor")
     try:
         # Read-write open (not mode=ro) so that SQLite can replay the WAL of a run whose writer was
         # killed; we never write through this connection.
@@ -207,9 +294,20 @@ def connect_for_reading(path: str | os.PathLike[str]) -> tuple[sqlite3.Connectio
         conn.execute("PRAGMA query_only=ON")
         conn.execute("SELECT count(*) FROM meta").fetchone()
     except (sqlite3.DatabaseError, ValueError) as e:  # ValueError: a damaged schema that is not UTF-8
+        no_tables = _has_no_tables(conn)
         conn.close()
-        raise UnreadableRunError(f"cannot read run {str(db)!r}: the database is corrupt or not a run ({e})") from None
+        error = IncompleteRunError if no_tables else UnreadableRunError
+        raise error(f"cannot read run {str(db)!r}: the database is corrupt or not a run ({e})") from None
     return conn, db
+
+
+def _has_no_tables(conn: sqlite3.Connection) -> bool:
+    """True for a database whose tables are not created yet (the state between the writer's first two commits)."""
+    try:
+        count: int = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        return count == 0
+    except (sqlite3.DatabaseError, ValueError):
+        return False
 
 
 def read_meta(conn: sqlite3.Connection, where: str) -> dict[str, Any]:
