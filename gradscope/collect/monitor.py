@@ -136,6 +136,11 @@ class Monitor:
         self._ignore = list(ignore) if ignore is not None else None
 
         refuse_sharded_parameters(model)
+        if any(p.device.type == "meta" for p in model.parameters()):
+            raise InvalidInputError(
+                "expected a model with real parameters but its parameters are on the meta device (they hold no "
+                "values); materialise it first (model.to_empty(device=...) and initialise) and attach the Monitor then"
+            )
         self._dist = DistributedContext.detect()
         self._layout = layout = ModelLayout.of(model)
         if not layout.params:
@@ -212,6 +217,8 @@ class Monitor:
         self._has_optimizer = optimizer is not None
         self._sampling = self.activation_every > 0
         self._closed = False
+        self._write_failed = False
+        self._loss_given = False
         self._failed_hooks: set[str] = set()
         self._live_seen: dict[str, int] = {}  # code -> highest severity rank reported live
         self._live_findings: list[Finding] = []
@@ -297,11 +304,20 @@ class Monitor:
         finally:
             self._closed = True
             self._detach()
-            self._writer.set_meta({"steps": self._step, "duration_s": time.time() - self._started})
-            if self._writer.log_dir is not None:
-                self._writer.close(status)
-            else:
-                self._writer.set_meta({"status": status, "ended_at": time.time()})
+            # A run that lost writes is not complete, whatever ended it: readers mark it partial.
+            final = "incomplete" if self._write_failed and status == "complete" else status
+            try:
+                self._writer.set_meta({"steps": self._step, "duration_s": time.time() - self._started})
+                if self._writer.log_dir is None:
+                    self._writer.set_meta({"status": final, "ended_at": time.time()})
+            except Exception as e:
+                self._write_error(e)
+            finally:
+                if self._writer.log_dir is not None:
+                    try:
+                        self._writer.close(final)  # releases the file and the lock even if it cannot write
+                    except Exception as e:
+                        self._write_error(e)
             self._model = None
             self._optimizer = None
             self._params = []
@@ -547,8 +563,8 @@ class Monitor:
         with torch.no_grad():
             current = [p.detach() for p in self._params]
             torch._foreach_sub_(self._snapshot, current)  # snapshot now holds -Δθ
-            update = torch._foreach_norm(self._snapshot, 2, dtype=torch.float32)
-            weight = torch._foreach_norm(current, 2, dtype=torch.float32)
+            update = torch._foreach_norm([_real(t) for t in self._snapshot], 2, dtype=torch.float32)
+            weight = torch._foreach_norm([_real(t) for t in current], 2, dtype=torch.float32)
             values = torch.stack([*weight, *update]).to(self._device)
             self._buf[row, self._c_pnorm :].copy_(values)
         self._snapshot_valid = False
@@ -573,6 +589,9 @@ class Monitor:
             self._take_snapshot()
         if step == 0:
             self._record_forward_order()
+        if loss is not None and not self._loss_given:
+            self._loss_given = True  # tells a NaN loss apart from "no loss passed to step()"
+            self._writer.set_meta({"loss_given": True})
         self._host_modules_checked[row] = bool(self._module_handles)
         self._sentinel.clear()
         self._observed.clear()
@@ -700,7 +719,12 @@ class Monitor:
                 act = stats.finish_on_host(parts, counts)  # (k, watched+1, metrics)
                 act = act.transpose(0, 2, 1).reshape(k, -1)  # columns: metric-major
                 chunks.append((schema.FORWARD_STREAM, np.asarray(self._act_steps), act))
-            self._writer.append_chunks(chunks)  # one transaction: a crash keeps the whole flush or none of it
+            try:
+                self._writer.append_chunks(chunks)  # one transaction: a crash keeps the whole flush or none of it
+            except Exception as e:
+                # A full disk or a vanished directory must not stop training: these steps are
+                # dropped, recording goes on (later flushes may succeed), and the run ends partial.
+                self._write_error(e)
         # Carry over the row of the step being recorded next (its update may already have landed).
         carry = self._buf[n].clone()
         self._buf.fill_(math.nan)
@@ -864,6 +888,19 @@ class Monitor:
             stacklevel=3,
         )
 
+    def _write_error(self, error: Exception) -> None:
+        if self.strict:
+            raise error
+        self._write_failed = True
+        if "write" not in self._failed_hooks:
+            self._failed_hooks.add("write")
+            warnings.warn(
+                f"gradscope: cannot write the run to {self._where} ({type(error).__name__}: {error}); training goes on, "
+                "steps that cannot be written are dropped and the run will read as partial",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def _internal_error(self, where: str, error: Exception) -> None:
         if self.strict or isinstance(error, TrainingFailure):
             raise error
@@ -904,6 +941,11 @@ def _check_loss(loss: object) -> torch.Tensor | float | None:
     if loss is None:
         return None
     if isinstance(loss, torch.Tensor):
+        if loss.is_complex() or loss.device.type == "meta" or not (loss.is_floating_point() or loss.dtype == torch.int64):
+            raise InvalidInputError(
+                f"expected a real scalar loss but got a {loss.dtype} tensor on {loss.device}; pass the real, "
+                "computed loss (e.g. loss.real or the value the optimizer minimises)"
+            )
         if loss.numel() != 1:
             raise InvalidInputError(
                 f"expected a scalar loss but got a tensor of shape {tuple(loss.shape)}; reduce it first (loss.mean())"
@@ -912,6 +954,11 @@ def _check_loss(loss: object) -> torch.Tensor | float | None:
     if isinstance(loss, (int, float, np.floating, np.integer)) and not isinstance(loss, bool):
         return float(loss)
     raise InvalidInputError(f"expected the loss as a scalar tensor or a number but got {type(loss).__name__}")
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as real pairs, so that norms in float32 apply (same L2 norm)."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:

@@ -181,4 +181,5 @@ def units_alive(x: torch.Tensor) -> torch.Tensor:
     dim = unit_dim(x)
     other = [d for d in range(x.ndim) if d != dim]
     # |x| max over the other axes > 0: one reduction, several times faster than (x != 0).any(dims)
-    return x.abs().amax(dim=other) > 0 if other else x != 0
+    # (== 0 negated, not > 0, so a NaN unit counts as alive: it is broken, not dead)
+    return ~(x.abs().amax(dim=other) == 0) if other else x != 0

@@ -177,7 +177,13 @@ class LossView:
 
     @cached_property
     def recorded(self) -> bool:
-        """False when the loss was never given to the Monitor (all NaN, no Inf)."""
+        """False when the loss was never given to the Monitor.
+
+        Runs record ``loss_given`` in their metadata; an all-NaN loss is then a real NaN loss. Older
+        or synthetic runs without it fall back to the values (all NaN and no Inf: never given).
+        """
+        if self.run.meta.get("loss_given"):
+            return True
         return bool(np.isfinite(self.raw).any() or np.isinf(self.raw).any())
 
     @cached_property

@@ -224,7 +224,7 @@ def test_a_reader_arriving_while_a_run_is_created_waits_for_its_header(stage: st
         for writer in writers:
             writer.close("complete")
     assert run.modules == {} and run.status == "running"
-    assert 0.25 <= waited < 2.0
+    assert waited >= 0.25  # it waited for the header (an upper bound would only measure machine load)
 
 
 def test_an_incomplete_run_from_long_ago_is_refused_at_once(tmp_path: Path) -> None:

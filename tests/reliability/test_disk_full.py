@@ -172,11 +172,6 @@ def test_a_full_disk_mid_run_never_raises_into_training_and_keeps_what_was_writt
     assert "<!DOCTYPE html>" in gradscope.report(run, tmp_path / "r.html").read_text(encoding="utf-8")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="monitor.py warns once per place (step, then close): a failed flush warns in step() and again in close(); "
-    "all store write failures should share one warning key",
-)
 def test_a_full_disk_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loop = _Loop(tmp_path)
     _enospc_from(monkeypatch, lambda: loop.step, FULL_AT)
@@ -185,11 +180,6 @@ def test_a_full_disk_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert len(warned) == 1, warned
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Monitor.close() writes the final metadata (steps, duration, status) outside its error handling, so "
-    "a disk with no room left raises sqlite3.OperationalError out of the with block into the user's code",
-)
 def test_a_disk_full_for_every_write_does_not_raise_out_of_close(tmp_path: Path) -> None:
     loop = _Loop(tmp_path)
     disk: dict[str, FullDisk] = {}
@@ -208,12 +198,6 @@ def test_a_disk_full_for_every_write_does_not_raise_out_of_close(tmp_path: Path)
     assert run.is_partial  # the final status could not be written: the run reads as cut short
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="monitor.py: a failed flush raises out of _record_step before the step is counted, so steps_recorded "
-    "stalls, later steps are stored under the wrong numbers once writes work again, and close() still marks the "
-    "run 'complete'",
-)
 def test_after_a_write_failure_steps_keep_their_numbers_and_the_run_reads_as_partial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loop = _Loop(tmp_path)
     _enospc_from(monkeypatch, lambda: loop.step, FULL_AT, 17)  # full for a while, then space is freed

@@ -231,12 +231,6 @@ def test_complex_parameters_have_the_right_gradient_norms_and_training_goes_on()
     assert run.metric("act_mean")["head"].notna().all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="monitor.py _measure_update calls torch._foreach_norm(..., dtype=float32) on complex parameters, which "
-    "raises; the whole update measurement is lost for every layer (NaN weight/update norms) with an internal-error "
-    "warning; norms of complex tensors need torch.view_as_real (as _dense does for gradients)",
-)
 def test_complex_parameters_do_not_spoil_the_update_norms_of_other_layers() -> None:
     run, warned, trace = _train_complex()
     assert warned == []

@@ -96,14 +96,7 @@ def _end(how: str, model: nn.Module, opt: torch.optim.Optimizer, log_dir: Path, 
 
 
 HOW = ["complete", "training_failure", "strict_hook_error", "write_error", "unwritable_log_dir"]
-FULL_DISK = pytest.param(
-    "full_disk",
-    marks=pytest.mark.xfail(
-        strict=True,
-        reason="Monitor.close() raises when the final metadata cannot be written (see test_disk_full), and leaves "
-        "before it drops its references to the model, optimizer and parameters",
-    ),
-)
+FULL_DISK = pytest.param("full_disk")
 
 
 @pytest.mark.parametrize("how", [*HOW, FULL_DISK])

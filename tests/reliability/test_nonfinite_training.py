@@ -144,34 +144,18 @@ def test_check_fails_and_the_report_renders(name: str, recorded: Any, tmp_path: 
     assert min(int(decode(t["x"]).min()) for t in marks) == first
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stats.py units_alive uses |x|.amax() > 0, which is False for NaN: units holding NaN count as dead, "
-    "so act_dead_frac reads 1.0 after a NaN batch; `amax(...) != 0` counts them as alive",
-)
 def test_nan_activations_are_not_dead_units(recorded: Any) -> None:
     run, _, _ = recorded["all_nan_batch"]
     dead = run.metric("act_dead_frac").loc[NAN_BATCH_STEP:, ["0", "1", "2"]]
     assert (dead.to_numpy() < 1).all(), dead
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dead_units reports units of a NaN run as dead (from the stats.py bug above); besides that fix, the "
-    "detector should skip sampled steps whose act_nonfinite > 0",
-)
 def test_a_nan_run_has_no_dead_units_finding(recorded: Any) -> None:
     for name in SCENARIOS:
         run, _, _ = recorded[name]
         assert [f.code for f in gradscope.diagnose(run) if f.code == "dead_units"] == [], name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a NaN loss is stored exactly like 'no loss given' (NaN), so the nonfinite detector decides the loss was "
-    "never recorded and says the gradients went non-finite 'with a finite loss'; the Monitor should record whether "
-    "a loss was given (e.g. meta['loss_given']) and LossView.recorded should read it",
-)
 def test_a_nan_loss_is_reported_as_a_nan_loss(recorded: Any) -> None:
     run, _, _ = recorded["nan_loss_from_step_0"]
     finding = next(f for f in gradscope.diagnose(run) if f.code == "nonfinite")

@@ -54,6 +54,11 @@ class DeadUnits(Detector):
         modules = [m for m in modules if m in frame.columns]
         if frame.empty or not modules:
             return
+        nonfinite = f.act("act_nonfinite")
+        if not nonfinite.empty:
+            # A sample whose activations held NaN/Inf says nothing about dead units (nonfinite reports it).
+            broken = nonfinite.reindex(index=frame.index).fillna(0).to_numpy().sum(axis=1) > 0
+            frame = frame[~broken]
         n = len(frame)
         w = max(cfg.min_samples, F.window_length(n, cfg.window_fraction, cfg.min_samples, 1000))
         if n < cfg.min_samples:
