@@ -7,11 +7,15 @@ import enum
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gradscope.detect.registry import Findings, diagnose
-from gradscope.errors import InvalidInputError, TrainingFailure
+from gradscope.errors import GradscopeError, InvalidInputError, TrainingFailure
 from gradscope.findings import Finding, Severity
+
+if TYPE_CHECKING:
+    from gradscope.collect.monitor import Monitor
+    from gradscope.store.run import Run
 
 __all__ = ["FindingPolicy", "LiveAction", "final_findings"]
 
@@ -107,3 +111,29 @@ def final_findings(run: Any) -> Findings:
     findings = diagnose(run)
     _log.info("gradscope diagnosis of %s:\n%s", getattr(run, "path", None) or "the run", findings.summary())
     return findings
+
+
+class CallbackResults:
+    """What both framework callbacks give back: the findings and the run, during and after training."""
+
+    monitor: Monitor | None
+    _policy: FindingPolicy | None
+    _final: Findings | None
+    _run: Run | None
+    _how_to_start: ClassVar[str]  # the call that records a run, for the error when there is none
+
+    @property
+    def findings(self) -> Findings:
+        """After training: the diagnosis of the whole run, most severe first. During: the live findings so far."""
+        if self._final is not None:
+            return self._final
+        return Findings(self._policy.seen if self._policy is not None else [])
+
+    @property
+    def run(self) -> Run:
+        """The run recorded by the last (or current) training."""
+        if self.monitor is not None:
+            return self.monitor.run
+        if self._run is not None:
+            return self._run
+        raise GradscopeError(f"expected a run but none was recorded yet; call {self._how_to_start} with this callback first")

@@ -26,7 +26,7 @@ from gradscope.detect.registry import Findings
 from gradscope.errors import GradscopeError, UnsupportedSetupError
 from gradscope.findings import Finding, Severity
 from gradscope.integrations import require
-from gradscope.integrations._common import FindingPolicy, check_monitor_options, final_findings
+from gradscope.integrations._common import CallbackResults, FindingPolicy, check_monitor_options, final_findings
 from gradscope.store.run import Run
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ else:
 __all__ = ["GradscopeCallback"]
 
 
-class GradscopeCallback(Callback):
+class GradscopeCallback(CallbackResults, Callback):
     """Record and diagnose a ``lightning.pytorch.Trainer`` fit with a :class:`gradscope.Monitor`.
 
     At the start of ``fit`` a Monitor is attached to the ``LightningModule`` and its optimizer. Once
@@ -74,6 +74,8 @@ class GradscopeCallback(Callback):
     ``fit`` is refused with :class:`gradscope.UnsupportedSetupError` rather than mixing their steps.
     """
 
+    _how_to_start = "trainer.fit(...)"
+
     def __init__(
         self,
         log_dir: str | os.PathLike[str] | None = None,
@@ -97,21 +99,6 @@ class GradscopeCallback(Callback):
 
     # ------------------------------------------------------------------ results
 
-    @property
-    def findings(self) -> Findings:
-        """After ``fit``: the diagnosis of the whole run, most severe first. During: the live findings so far."""
-        if self._final is not None:
-            return self._final
-        return Findings(self._policy.seen if self._policy is not None else [])
-
-    @property
-    def run(self) -> Run:
-        """The run recorded by the last (or current) ``fit``."""
-        if self.monitor is not None:
-            return self.monitor.run
-        if self._run is not None:
-            return self._run
-        raise GradscopeError("expected a run but none was recorded yet; call trainer.fit(...) with this callback first")
 
     # ------------------------------------------------------------------ Lightning hooks
 

@@ -24,10 +24,10 @@ from torch.utils.hooks import RemovableHandle
 
 from gradscope.collect.monitor import Monitor
 from gradscope.detect.registry import Findings
-from gradscope.errors import GradscopeError, InvalidInputError
+from gradscope.errors import InvalidInputError
 from gradscope.findings import Finding
 from gradscope.integrations import require
-from gradscope.integrations._common import FindingPolicy, check_monitor_options, final_findings
+from gradscope.integrations._common import CallbackResults, FindingPolicy, check_monitor_options, final_findings
 from gradscope.store.run import Run
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ else:
 __all__ = ["GradscopeCallback"]
 
 
-class GradscopeCallback(TrainerCallback):
+class GradscopeCallback(CallbackResults, TrainerCallback):
     """Record and diagnose a ``transformers.Trainer`` training with a :class:`gradscope.Monitor`.
 
     At ``on_train_begin`` a Monitor is attached to the Trainer's model and optimizer. Once per
@@ -76,6 +76,8 @@ class GradscopeCallback(TrainerCallback):
     :meth:`close` (the run is otherwise closed at interpreter exit, marked failed).
     """
 
+    _how_to_start = "trainer.train()"
+
     def __init__(
         self,
         log_dir: str | os.PathLike[str] | None = None,
@@ -101,21 +103,6 @@ class GradscopeCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ results
 
-    @property
-    def findings(self) -> Findings:
-        """After training: the diagnosis of the whole run, most severe first. During: the live findings so far."""
-        if self._final is not None:
-            return self._final
-        return Findings(self._policy.seen if self._policy is not None else [])
-
-    @property
-    def run(self) -> Run:
-        """The run recorded by the last (or current) ``trainer.train()``."""
-        if self.monitor is not None:
-            return self.monitor.run
-        if self._run is not None:
-            return self._run
-        raise GradscopeError("expected a run but none was recorded yet; call trainer.train() with this callback first")
 
     def close(self, *, status: str = "complete") -> None:
         """Close the Monitor (flush, remove every hook) and diagnose the run. Safe to call twice."""
