@@ -289,3 +289,26 @@ def test_preflight_passes_on_gpt2_and_finds_a_batch_mixing_bug() -> None:
     result = preflight(broken, lambda out, y: out.loss, batch)
     assert [f.code for f in result.findings] == ["batch_dependence"]
     assert result.findings[0].layers == ("transformer.h.0",)
+
+
+def test_gpt2_with_its_default_init_trains_without_a_warning() -> None:
+    """GPT-2's std=0.02 init shrinks each narrow layer's signal ~10×, but LayerNorm and the residual
+    stream keep it from compounding: a healthy run, not an init_scale warning."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0)
+    assert config.initializer_range == 0.02
+    model = transformers.GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with gradscope.Monitor(model, opt, on_finding=None) as mon:
+        for _ in range(150):
+            start = torch.randint(0, 8, (16, 1), generator=g)
+            tokens = (start + torch.arange(32)) % 16  # a learnable pattern
+            opt.zero_grad()
+            loss = model(tokens, labels=tokens).loss
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    run = mon.run
+    assert run.loss[-10:].mean() < 0.5 * run.loss[:10].mean()  # it learns
+    assert [f for f in gradscope.diagnose(run) if f.severity.rank >= 1] == []

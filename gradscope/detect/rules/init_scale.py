@@ -31,8 +31,10 @@ class InitScale(Detector):
     **Rule.** At the first sampled step (within the first ``max_first_step`` steps), for each Linear/Conv
     layer not followed directly by a normalisation layer: log10(output std / input rms). When the
     median over ≥ 2 layers is ≥ ``gain_decades`` (or ≤ -``gain_decades``), the init is mis-scaled.
-    ``warning`` when the scale compounds to ≥ ``total_decades`` over the network or the loss suffers,
-    ``info`` otherwise. (PyTorch's default init measures -0.24 decades per layer, He init ~0.)
+    ``warning`` when the scale compounds to ≥ ``total_decades`` over a network without normalisation
+    layers, or the loss suffers; ``info`` otherwise (normalisation and residual connections reset the
+    scale, so GPT-style ``std=0.02`` init is not flagged unless the loss shows it). (PyTorch's default
+    init measures -0.24 decades per layer, He init ~0.)
 
     **Fixes.** He (``kaiming_normal_``) init for ReLU-family networks, Xavier (``xavier_uniform_``) for
     tanh/sigmoid ones, zero biases; normalisation layers make a network robust to the init scale.
@@ -59,7 +61,11 @@ class InitScale(Detector):
         off = [m for m, g in gains.items() if (g >= cfg.gain_decades if median > 0 else g <= -cfg.gain_decades)]
         total = float(sum(gains[m] for m in off))
         lv = loss_view(run)
-        severity = Severity.WARNING if (abs(total) >= cfg.total_decades or lv.suffers) else Severity.INFO
+        # Normalisation layers (and the residual connections that come with them in transformers) reset
+        # the scale, so per-layer gains do not compound: GPT-style std=0.02 init is not a fault there
+        # unless the loss shows it.
+        compounds = abs(total) >= cfg.total_decades and not f.has_norm
+        severity = Severity.WARNING if (compounds or lv.suffers) else Severity.INFO
         per_layer = 10**median
         message = (
             f"the initial weights are too {direction}: the first step each of {A.describe_modules(off, f.types)} "
