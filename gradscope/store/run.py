@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -87,12 +88,16 @@ class Run:
                 f"cannot read run {where!r}: it was written with run schema {version} but this gradscope reads up to "
                 f"{db.SCHEMA_VERSION}; upgrade gradscope (pip install -U gradscope)"
             )
+        # One read transaction: the streams and their row counts come from the same snapshot even
+        # while a writer appends (WAL mode gives readers a consistent view inside a transaction).
+        own_transaction = not conn.in_transaction
+        if own_transaction:
+            conn.execute("BEGIN")
         try:
             streams = {}
             for stream in db.read_streams(conn):
                 columns = db.read_columns(conn, stream)
-                chunks = db.iter_chunks(conn, stream, since_step=since_step, head_steps=head_steps)
-                chunk = db.concat_chunks(chunks, len(columns))
+                chunk = db.read_stream(conn, stream, len(columns), since_step=since_step, head_steps=head_steps)
                 if since_step is not None and len(chunk.steps):
                     keep = (chunk.steps >= since_step) | (chunk.steps < head_steps)
                     chunk = db.Chunk(chunk.steps[keep], chunk.data[keep])
@@ -100,6 +105,10 @@ class Run:
             events = db.read_events(conn)
         except (sqlite3.DatabaseError, ValueError) as e:
             raise UnreadableRunError(f"cannot read run {where!r}: the data is corrupt ({e})") from None
+        finally:
+            if own_transaction and conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # ending a read-only snapshot cannot lose anything
+                    conn.execute("ROLLBACK")
         return cls(meta, streams, events, path)
 
     # ------------------------------------------------------------------ run-level facts

@@ -18,7 +18,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,30 +332,34 @@ def read_streams(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in conn.execute("SELECT DISTINCT stream FROM columns ORDER BY stream")]
 
 
-def iter_chunks(
-    conn: sqlite3.Connection, stream: str, *, since_step: int | None = None, head_steps: int = 0
-) -> Iterator[Chunk]:
-    """The chunks of a stream in write order; with ``since_step``, only those holding steps from
-    ``since_step`` on or before ``head_steps``."""
-    query = "SELECT n_rows, n_cols, steps, data FROM chunks WHERE stream = ?"
+def read_stream(
+    conn: sqlite3.Connection, stream: str, n_cols: int, *, since_step: int | None = None, head_steps: int = 0
+) -> Chunk:
+    """A whole stream as one chunk, filled in place: each stored chunk is copied into a preallocated
+    array and released, so loading needs the run's size in memory once, not twice (a list of chunks
+    and their concatenation)."""
+    where = "stream = ?"
     args: list[Any] = [stream]
     if since_step is not None:
-        query += " AND (last_step >= ? OR first_step < ?)"
+        where += " AND (last_step >= ? OR first_step < ?)"
         args += [since_step, head_steps]
-    for n_rows, n_cols, steps, data in conn.execute(query + " ORDER BY id", args):
-        yield Chunk(
-            steps=np.frombuffer(steps, dtype="<i8").astype(np.int64),
-            data=np.frombuffer(data, dtype="<f4").reshape(n_rows, n_cols),
-        )
+    (total,) = conn.execute(f"SELECT COALESCE(SUM(n_rows), 0) FROM chunks WHERE {where}", args).fetchone()
+    steps = np.empty(int(total), dtype=np.int64)
+    data = np.empty((int(total), n_cols), dtype=np.float32)
+    at = 0
+    for n_rows, chunk_cols, step_blob, data_blob in conn.execute(
+        f"SELECT n_rows, n_cols, steps, data FROM chunks WHERE {where} ORDER BY id", args
+    ):
+        if chunk_cols != n_cols:
+            raise ValueError(f"a chunk of stream {stream!r} has {chunk_cols} columns, expected {n_cols}")
+        if at + n_rows > total:
+            raise ValueError(f"the chunks of stream {stream!r} changed while being read")
+        steps[at : at + n_rows] = np.frombuffer(step_blob, dtype="<i8")
+        data[at : at + n_rows] = np.frombuffer(data_blob, dtype="<f4").reshape(n_rows, n_cols)
+        at += n_rows
+    return Chunk(steps[:at], data[:at])
 
 
 def read_events(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     rows = conn.execute("SELECT step, kind, payload FROM events ORDER BY id").fetchall()
     return [{"step": step, "kind": kind, **json.loads(payload)} for step, kind, payload in rows]
-
-
-def concat_chunks(chunks: Iterable[Chunk], n_cols: int) -> Chunk:
-    chunks = list(chunks)
-    if not chunks:
-        return Chunk(np.zeros(0, dtype=np.int64), np.zeros((0, n_cols), dtype=np.float32))
-    return Chunk(np.concatenate([c.steps for c in chunks]), np.concatenate([c.data for c in chunks]))
