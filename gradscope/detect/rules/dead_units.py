@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from gradscope.detect import advice as A
 from gradscope.detect import functional as F
 from gradscope.detect.base import Detector
-from gradscope.detect.rules._common import loss_view
+from gradscope.detect.rules._common import loss_view, sustained_above
 from gradscope.findings import Finding, Severity
 from gradscope.store.run import Run
 
@@ -59,28 +57,13 @@ class DeadUnits(Detector):
             # A sample whose activations held NaN/Inf says nothing about dead units (nonfinite reports it).
             broken = nonfinite.reindex(index=frame.index).fillna(0).to_numpy().sum(axis=1) > 0
             frame = frame[~broken]
-        n = len(frame)
-        w = max(cfg.min_samples, F.window_length(n, cfg.window_fraction, cfg.min_samples, 1000))
-        if n < cfg.min_samples:
+        found = sustained_above(
+            frame, modules, cfg.dead_fraction,
+            min_samples=cfg.min_samples, window_fraction=cfg.window_fraction, sustained_share=cfg.sustained_share,
+        )  # fmt: skip
+        if found is None:
             return
-        recent = frame[modules].iloc[n - min(w, n) :]
-        hits: dict[str, float] = {}
-        for m in modules:
-            values = recent[m].to_numpy(dtype=np.float64)
-            values = values[np.isfinite(values)]
-            if values.size < cfg.min_samples:
-                continue
-            if np.median(values) >= cfg.dead_fraction and (values >= cfg.dead_fraction).mean() >= cfg.sustained_share:
-                hits[m] = float(np.median(values))
-        if not hits:
-            return
-        ranked = sorted(hits, key=lambda m: -hits[m])
-        onsets = []
-        for m in ranked:
-            mask = np.nan_to_num(frame[m].to_numpy(dtype=np.float64), nan=0.0) >= cfg.dead_fraction
-            start = F.last_sustained_start(mask)
-            onsets.append(int(frame.index[start]) if start is not None else int(frame.index[n - len(recent)]))
-        step = min(onsets)
+        hits, ranked, step = found.fractions, found.ranked, found.step
         lv = loss_view(run)
         severity = Severity.WARNING if lv.suffers else Severity.INFO
         top = ranked[0]

@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from gradscope.detect import advice as A
 from gradscope.detect import functional as F
 from gradscope.detect.base import Detector
-from gradscope.detect.rules._common import loss_view
+from gradscope.detect.rules._common import loss_view, sustained_above
 from gradscope.findings import Finding, Severity
 from gradscope.store.run import Run
 
@@ -50,28 +48,13 @@ class SaturatedActivations(Detector):
         f = A.facts(run)
         frame = f.act("act_saturated_frac")
         modules = [m for m in f.saturating_modules if m in frame.columns and m != f.output_module]
-        if frame.empty or not modules or len(frame) < cfg.min_samples:
+        found = sustained_above(
+            frame, modules, cfg.saturated_fraction,
+            min_samples=cfg.min_samples, window_fraction=cfg.window_fraction, sustained_share=cfg.sustained_share,
+        )  # fmt: skip
+        if found is None:
             return
-        n = len(frame)
-        w = min(n, max(cfg.min_samples, F.window_length(n, cfg.window_fraction, cfg.min_samples, 1000)))
-        recent = frame[modules].iloc[n - w :]
-        hits: dict[str, float] = {}
-        for m in modules:
-            values = recent[m].to_numpy(dtype=np.float64)
-            values = values[np.isfinite(values)]
-            if values.size < cfg.min_samples:
-                continue
-            if np.median(values) >= cfg.saturated_fraction and (values >= cfg.saturated_fraction).mean() >= cfg.sustained_share:
-                hits[m] = float(np.median(values))
-        if not hits:
-            return
-        ranked = sorted(hits, key=lambda m: -hits[m])
-        onsets = []
-        for m in ranked:
-            mask = np.nan_to_num(frame[m].to_numpy(dtype=np.float64), nan=0.0) >= cfg.saturated_fraction
-            start = F.last_sustained_start(mask)
-            onsets.append(int(frame.index[start]) if start is not None else int(frame.index[n - w]))
-        step = min(onsets)
+        hits, ranked, step = found.fractions, found.ranked, found.step
         lv = loss_view(run)
         severity = Severity.WARNING if lv.suffers else Severity.INFO
         top = ranked[0]
