@@ -605,16 +605,8 @@ class Monitor:
         self._update_optimizer_hooks()
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
-        grads = [p.grad for p in self._params]
         with torch.no_grad():
-            if any(g is None for g in grads):
-                missing = [g is None for g in grads]
-                self._host_missing[row] = missing
-                it = iter(self._grad_norms([g for g in grads if g is not None]))
-                norms = [self._zero if m else next(it) for m in missing]
-            else:
-                norms = self._grad_norms(grads)  # type: ignore[arg-type]
-            values = [self._loss_tensor(loss), *norms, *self._sentinel_values()]
+            values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._sentinel_values()]
             if not self._single_device:
                 values = [v.to(self._device) for v in values]
             torch.stack(values, out=self._buf[row, : self._c_pnorm])  # the step's one device write
@@ -629,16 +621,22 @@ class Monitor:
 
     def _record_gradients_at(self, row: int) -> None:
         """Gradient norms read inside optimizer.step() (with a GradScaler: after it unscaled them)."""
-        grads = [p.grad for p in self._params]
-        missing = [g is None for g in grads]
-        self._host_missing[row] = missing
         with torch.no_grad():
-            it = iter(self._grad_norms([g for g in grads if g is not None]))
-            norms = [self._zero if m else next(it) for m in missing]
+            norms = self._gradient_norms(row)
             if not self._single_device:
                 norms = [n.to(self._device) for n in norms]
             if norms:
                 torch.stack(norms, out=self._buf[row, self._c_grad : self._c_sent])
+
+    def _gradient_norms(self, row: int) -> list[torch.Tensor]:
+        """Each tracked parameter's gradient norm; 0 where it has no gradient, marked in ``_host_missing``."""
+        grads = [p.grad for p in self._params]
+        if not any(g is None for g in grads):
+            return self._grad_norms(grads)  # type: ignore[arg-type]
+        missing = [g is None for g in grads]
+        self._host_missing[row] = missing
+        present = iter(self._grad_norms([g for g in grads if g is not None]))
+        return [self._zero if m else next(present) for m in missing]
 
     def _loss_tensor(self, loss: torch.Tensor | float | None) -> torch.Tensor:
         if isinstance(loss, torch.Tensor):
