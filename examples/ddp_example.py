@@ -53,6 +53,7 @@ def main() -> None:
                 opt.step()
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump({"losses": losses, "grad_norms": grad_norms}, f)
+    dist.barrier()  # leave together: a rank tearing gloo down while the other still talks can abort
     dist.destroy_process_group()
 
 
