@@ -44,7 +44,9 @@ def main(log_dir: str | None = None, *, lr: float = 0.05, max_epochs: int = 3) -
     images, labels = load_digits(size=8)  # (1797, 64) standardised, labels 0-9
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=64, shuffle=True)
 
-    callback = GradscopeCallback(log_dir=log_dir, on_finding="stop", overwrite=True)
+    # Live findings come after each write to the run; this 87-step example writes every 20 steps
+    # rather than the default 200 (or 2 s), so a diverging fit is stopped within its first epoch.
+    callback = GradscopeCallback(log_dir=log_dir, on_finding="stop", overwrite=True, flush_every=20)
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         callbacks=[callback],

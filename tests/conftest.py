@@ -300,7 +300,7 @@ def reference_activation(outputs: list[torch.Tensor], bounded: str | None = None
         "act_std": flat.std(correction=0).item(),
         "act_zero_frac": (flat == 0).double().mean().item(),
         "act_max_abs": flat.abs().max().item(),
-        "act_nonfinite": float((~finite).sum().item()),
+        "act_nonfinite": float((~finite).any().item()),
     }
     alive = None
     for o in outputs:

@@ -66,13 +66,18 @@ class Monitor:
         optimizer: the optimizer that updates ``model``. Optional; with it, ‖Δθ‖ is measured exactly
             around each ``optimizer.step()`` and learning rates are recorded.
         log_dir: directory to store the run in; ``None`` keeps it in memory only.
-        flush_every: steps between writes to the store. A crash loses at most this many steps.
+        flush_every: the most steps between writes to the store (200 by default).
+        flush_seconds: the most time between writes, in seconds (2 by default; ``None``: no time
+            limit). A crash loses at most the steps since the last write: ``flush_every`` steps and
+            about ``flush_seconds`` of training, whichever is fewer. Each write costs ~0.2–0.7 ms on
+            CPU, so fast models write every 200 steps and slow ones every ~2 s.
         activation_every: sample full activation statistics every this many steps (0: never).
-            20 by default: activations drift slowly next to gradients, and a sampled step costs
-            several reductions per module, so sampling keeps their cost to a twentieth.
-        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). 10 by default: the
-            update/weight ratio drifts slowly, and each measurement copies and reads every parameter
-            twice. Holds one copy of the parameters in memory.
+            50 by default: activations drift slowly next to gradients, and a sampled step costs
+            several reductions per module (~0.5 ms for a 64×128 MLP on CPU, with the hooks), so
+            sampling keeps their cost to a fiftieth.
+        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). 25 by default: the
+            update/weight ratio drifts slowly, and each measurement copies every parameter and reads
+            it three more times. Holds one copy of the parameters in memory.
         check_outputs: look for NaN/Inf in every watched module's output on every step (one
             ``sum`` per module, an extra read of every activation), so a non-finite value can be
             traced to the exact module that made it. Off by default: the input batch and the
@@ -82,8 +87,10 @@ class Monitor:
             ``"raise"`` (raise :class:`gradscope.TrainingFailure` on the first error), a callable
             taking the :class:`Finding`, or ``None`` (no live detection).
         detect_every: steps between live detector runs. By default detection runs after a flush
-            whenever it has used under 2% of the wall time since the previous run, so live checks
-            stay nearly free on fast models and frequent on slow ones.
+            once the steps trained since its last run took 99× as long as that run did (at the
+            median step time, so pauses for evaluation or other work do not count), so it uses about
+            1% of training time: nearly free on fast models, after every flush on slow ones. The
+            first NaN/Inf in the loss or gradients is checked at the next flush whatever the budget.
         live_window: live detection reads the first ``live_window`` steps and the last
             ``live_window`` steps of the run, never the whole history, so its cost stays constant.
         select, ignore: detector codes to run (or skip) live.
@@ -102,9 +109,10 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         log_dir: str | os.PathLike[str] | None = None,
-        flush_every: int = 50,
-        activation_every: int = 20,
-        update_every: int = 10,
+        flush_every: int = 200,
+        flush_seconds: float | None = 2.0,
+        activation_every: int = 50,
+        update_every: int = 25,
         check_outputs: bool = False,
         on_finding: OnFinding = "warn",
         detect_every: int | None = None,
@@ -125,6 +133,7 @@ class Monitor:
                 "pass the optimizer that updates the model, or None"
             )
         self.flush_every = _positive_int("flush_every", flush_every, allow_zero=False)
+        self.flush_seconds = _positive_seconds("flush_seconds", flush_seconds)
         self.activation_every = _positive_int("activation_every", activation_every)
         self.update_every = _positive_int("update_every", update_every)
         self.detect_every = _positive_int("detect_every", detect_every, allow_zero=False) if detect_every is not None else None
@@ -173,21 +182,27 @@ class Monitor:
         self._model: nn.Module | None = model
         self._optimizer = optimizer
         self._params: list[nn.Parameter] = layout.params
+        self._param_tensors: list[torch.Tensor] = list(layout.params)  # the same, typed for the _foreach ops
         self._device = layout.params[0].device
         self._n_params = n_params = len(layout.params)
         self._n_watched = n_watched = len(layout.watched_names)
         self._n_groups = len(optimizer.param_groups) if optimizer is not None else 0
-        # Columns of the device step buffer: loss | per-parameter grad norm | output sentinel per watched
-        # module and the input batch | param norm | update norm. The first three are written every step
-        # by one torch.stack(out=...); layer-level and run-level values are derived from these on the
-        # host at flush (see _derive_step_columns).
+        # Columns of the device step buffer: loss | per-parameter grad norm | input and output sentinels
+        # | sentinel per watched module | param norm | update norm. The first three are written every
+        # step by one torch.stack(out=...), the watched modules' sentinels only on the steps that check
+        # them; layer-level and run-level values are derived on the host at flush (_derive_step_columns).
         self._c_grad = 1
-        self._c_sent = self._c_grad + n_params
-        self._c_pnorm = self._c_sent + n_watched + 2  # watched modules, the input batch, the model's output
+        self._c_io = self._c_grad + n_params  # the input batch, then the model's output
+        self._c_watched = self._c_io + 2
+        self._c_pnorm = self._c_watched + n_watched
         self._c_upd = self._c_pnorm + n_params
         self._n_dev_cols = self._c_upd + n_params
+        # The sentinel columns in stored order: watched modules, input batch, model output.
+        self._sentinel_cols = np.r_[self._c_watched : self._c_pnorm, self._c_io : self._c_io + 2]
         rows = self.flush_every + 1  # +1: the row of a step whose update lands before it is recorded
         self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
+        # Views of each row's per-step columns, made once: slicing the buffer every step costs ~2 µs.
+        self._step_rows = [self._buf[r, : self._c_watched] for r in range(rows)]
         self._host_lr: list[list[Any]] = []
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
         self._host_modules_checked = np.zeros(rows, dtype=bool)  # module outputs were checked on that step
@@ -198,16 +213,24 @@ class Monitor:
         self._act_steps: list[int] = []
         self._bounded = [stats.bounded_kind(m) for m in layout.watched_modules] + [stats.Bounded.NONE]
         self._observed: dict[int, stats.Observed] = {}
-        self._sentinel: dict[int, torch.Tensor] = {}
+        self._sentinel: dict[int, torch.Tensor] = {}  # watched module -> output sum (check_outputs only)
         self._call_order: list[int] = []
         self._zero = torch.zeros((), device=self._device)
+        self._input_sum: torch.Tensor | None = None  # NaN/Inf sentinels of this step's input batch and output
+        self._output_sum: torch.Tensor | None = None
         self._nan_parts = torch.full((stats.N_ACT_PARTS,), math.nan, device=self._device)
         self._single_device = all(p.device == self._device for p in layout.params)
-        self._plain_grads = not any(p.is_complex() for p in layout.params)
+        param_layer = np.asarray(layout.param_layer, dtype=np.int64)
+        order = np.argsort(param_layer, kind="stable")
+        starts = np.flatnonzero(np.r_[True, param_layer[order][1:] != param_layer[order][:-1]])
+        self._layer_segments = (order, starts, param_layer[order][starts])
+        self._complex_params = any(p.is_complex() for p in layout.params)
+        self._plain_grads = not self._complex_params
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_valid = False
 
         self._step = 0  # the next step to record
+        self._flush_deadline = time.perf_counter() + (self.flush_seconds if self.flush_seconds is not None else math.inf)
         self._base = 0  # first step held in the buffers
         # A training forward ran since the last step(): the gradients an optimizer.step() now applies
         # are not recorded yet (step() comes after it). Set by the forward hooks, cleared by step().
@@ -223,7 +246,10 @@ class Monitor:
         self._live_seen: dict[str, int] = {}  # code -> highest severity rank reported live
         self._live_findings: list[Finding] = []
         self._last_detect = 0
-        self._next_detect_time = 0.0
+        self._detect_wait_steps = 0  # steps until the next live detection may run (budget)
+        self._step_clock: list[float] = []  # perf_counter() at each step() since the last flush, and one before
+        self._step_seconds = 0.0  # median time per training step, measured over the last flush
+        self._nonfinite_flushed = False  # a flush already held NaN/Inf in the loss or gradients
         self._started = time.time()
 
         # Under torch.distributed only rank 0 writes; the other ranks keep a small in-memory store for
@@ -321,6 +347,7 @@ class Monitor:
             self._model = None
             self._optimizer = None
             self._params = []
+            self._param_tensors = []
             # the layout holds the submodules and parameters: dropping them lets the model be collected
             self._layout.params = []
             self._layout.watched_modules = []
@@ -374,6 +401,7 @@ class Monitor:
                 "world_size": self._dist.world_size if self._dist is not None else 1,
                 "config": {
                     "flush_every": self.flush_every,
+                    "flush_seconds": self.flush_seconds,
                     "activation_every": self.activation_every,
                     "update_every": self.update_every,
                     "check_outputs": self.check_outputs,
@@ -479,33 +507,35 @@ class Monitor:
         if schema.INPUT_LAYER not in self._failed_hooks:
             try:
                 x = args[0] if args and type(args[0]) is torch.Tensor else stats.first_tensor(args)
-                self._observe(self._n_watched, x)
+                if x is not None and stats.is_measurable(x):
+                    if self._sampling:
+                        self._observe(self._n_watched, x)  # its sum is the sentinel
+                    else:
+                        self._input_sum = _add_sum(self._input_sum, x)
             except Exception as e:
                 self._hook_failed(schema.INPUT_LAYER, e)
         if schema.OUTPUT_LAYER not in self._failed_hooks:
             try:
                 y = output if type(output) is torch.Tensor else stats.first_tensor(output)
                 if y is not None and stats.is_measurable(y):
-                    self._add_sentinel(self._n_watched + 1, y.detach())
+                    self._output_sum = _add_sum(self._output_sum, y)
             except Exception as e:
                 self._hook_failed(schema.OUTPUT_LAYER, e)
 
-    def _add_sentinel(self, index: int, x: torch.Tensor) -> None:
-        total = x.sum(dtype=torch.float32)  # NaN/Inf anywhere makes the sum non-finite
-        previous = self._sentinel.get(index)
-        self._sentinel[index] = total if previous is None else previous + total
-
     def _observe(self, index: int, x: torch.Tensor | None) -> None:
+        """A watched module's output (or, at ``index == n_watched``, the input batch): full
+        statistics on sampled steps, else only its NaN/Inf sentinel (``check_outputs=True``)."""
         if x is None or not stats.is_measurable(x):
             return
         if self._step == 0 and index < self._n_watched and index not in self._call_order:
             self._call_order.append(index)  # forward order is taken from step 0 only
         x = x.detach()
-        self._add_sentinel(index, x)
         if self._sampling:
             observed = stats.observe(x, self._bounded[index], units=index < self._n_watched)
             previous_obs = self._observed.get(index)
             self._observed[index] = observed if previous_obs is None else stats.combine(previous_obs, observed)
+        else:
+            self._sentinel[index] = _add_sum(self._sentinel.get(index), x)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed:
@@ -551,7 +581,7 @@ class Monitor:
             if self._snapshot is None:
                 self._snapshot = [p.detach().clone() for p in self._params]
             else:
-                torch._foreach_copy_(self._snapshot, [p.detach() for p in self._params])
+                torch._foreach_copy_(self._snapshot, self._param_tensors)
             self._snapshot_valid = True
 
     def _measure_update(self, target: int) -> None:
@@ -561,27 +591,32 @@ class Monitor:
         if not 0 <= row < self._buf.shape[0]:
             return
         with torch.no_grad():
-            current = [p.detach() for p in self._params]
-            torch._foreach_sub_(self._snapshot, current)  # snapshot now holds -Δθ
-            update = torch._foreach_norm([_real(t) for t in self._snapshot], 2, dtype=torch.float32)
-            weight = torch._foreach_norm([_real(t) for t in current], 2, dtype=torch.float32)
-            values = torch.stack([*weight, *update]).to(self._device)
-            self._buf[row, self._c_pnorm :].copy_(values)
+            torch._foreach_sub_(self._snapshot, self._param_tensors)  # the snapshot now holds -Δθ
+            # ‖θ‖ then ‖Δθ‖ of every parameter in one batched norm, written as one row segment
+            tensors = [*self._param_tensors, *self._snapshot]
+            if self._complex_params:
+                tensors = [_real(t) for t in tensors]
+            norms = list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+            if not self._single_device:
+                norms = [v.to(self._device) for v in norms]
+            torch.stack(norms, out=self._buf[row, self._c_pnorm :])
         self._snapshot_valid = False
 
     def _record_step(self, loss: torch.Tensor | float | None) -> None:
         step = self._step
+        now = time.perf_counter()
+        self._step_clock.append(now)
         if self._optimizer is None:
             self._measure_update_without_optimizer()  # before the flush that writes the previous step
-        if step - self._base >= self.flush_every:
+        if step - self._base >= self.flush_every or (step > self._base and now >= self._flush_deadline):
             self._flush(upto=step)
         row = step - self._base
-        if self._grad_scaler is not None:
-            self._record_loss_and_outputs(row, loss)  # gradients come, unscaled, from optimizer.step()
-        else:
-            self._record_loss_gradients_and_outputs(row, loss)
-        if self._sampling and self._observed:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self._grad_scaler is not None:
+                self._record_loss_and_outputs(row, loss)  # gradients come, unscaled, from optimizer.step()
+            else:
+                self._record_loss_gradients_and_outputs(row, loss)
+            if self._observed:
                 self._finish_activations(step)
         if self._optimizer is not None:
             self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
@@ -595,6 +630,7 @@ class Monitor:
         self._host_modules_checked[row] = bool(self._module_handles)
         self._sentinel.clear()
         self._observed.clear()
+        self._input_sum = self._output_sum = None
         self._step += 1
         self._forward_since_step = False
         self._sampling = self.activation_every > 0 and self._step % self.activation_every == 0
@@ -605,19 +641,42 @@ class Monitor:
         self._update_optimizer_hooks()
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
-        with torch.no_grad():
-            values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._sentinel_values()]
-            if not self._single_device:
-                values = [v.to(self._device) for v in values]
-            torch.stack(values, out=self._buf[row, : self._c_pnorm])  # the step's one device write
+        values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._io_sentinels()]
+        if not self._single_device:
+            values = [v.to(self._device) for v in values]
+        torch.stack(values, out=self._step_rows[row])  # the step's one device write
+        if self._observed or self._sentinel:
+            self._record_watched_sentinels(row)
 
     def _record_loss_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
-        with torch.no_grad():
-            self._buf[row, 0].copy_(self._loss_tensor(loss))
-            values = self._sentinel_values()
-            if not self._single_device:
-                values = [v.to(self._device) for v in values]
-            torch.stack(values, out=self._buf[row, self._c_sent : self._c_pnorm])
+        self._buf[row, 0].copy_(self._loss_tensor(loss))
+        values = self._io_sentinels()
+        if not self._single_device:
+            values = [v.to(self._device) for v in values]
+        torch.stack(values, out=self._buf[row, self._c_io : self._c_watched])
+        if self._observed or self._sentinel:
+            self._record_watched_sentinels(row)
+
+    def _io_sentinels(self) -> list[torch.Tensor]:
+        observed_input = self._observed.get(self._n_watched)
+        if observed_input is not None:
+            input_sum = observed_input.parts[stats.PART_SUM]  # sampled: its statistics hold the sum
+        else:
+            input_sum = self._input_sum if self._input_sum is not None else self._zero
+        return [input_sum, self._output_sum if self._output_sum is not None else self._zero]
+
+    def _record_watched_sentinels(self, row: int) -> None:
+        """Each watched module's output sum, on the steps that check them: from its statistics on a
+        sampled step, from the ``check_outputs`` sentinels on the others. A module that did not run
+        reads as finite (0)."""
+        if self._observed:
+            sums = [o.parts[stats.PART_SUM] if (o := self._observed.get(i)) else self._zero for i in range(self._n_watched)]
+        else:
+            sums = [self._sentinel.get(i, self._zero) for i in range(self._n_watched)]
+        if not self._single_device:
+            sums = [v.to(self._device) for v in sums]
+        if sums:
+            torch.stack(sums, out=self._buf[row, self._c_watched : self._c_pnorm])
 
     def _record_gradients_at(self, row: int) -> None:
         """Gradient norms read inside optimizer.step() (with a GradScaler: after it unscaled them)."""
@@ -626,7 +685,7 @@ class Monitor:
             if not self._single_device:
                 norms = [n.to(self._device) for n in norms]
             if norms:
-                torch.stack(norms, out=self._buf[row, self._c_grad : self._c_sent])
+                torch.stack(norms, out=self._buf[row, self._c_grad : self._c_io])
 
     def _gradient_norms(self, row: int) -> list[torch.Tensor]:
         """Each tracked parameter's gradient norm; 0 where it has no gradient, marked in ``_host_missing``."""
@@ -644,15 +703,14 @@ class Monitor:
             return loss_t.reshape(()) if loss_t.ndim else loss_t
         return torch.full((), math.nan if loss is None else float(loss), device=self._device)
 
-    def _sentinel_values(self) -> list[torch.Tensor]:
-        return [self._sentinel.get(i, self._zero) for i in range(self._n_watched + 2)]
-
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if not grads:
             return []
-        if self._plain_grads and all(g.layout == torch.strided for g in grads):
-            return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
-        self._plain_grads = False  # sparse or complex gradients seen: take the slower general path
+        if self._plain_grads:
+            try:
+                return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            except (NotImplementedError, RuntimeError):
+                self._plain_grads = False  # sparse gradients (nn.Embedding(sparse=True)): the general path from now on
         return list(torch._foreach_norm([_dense(g) for g in grads], 2, dtype=torch.float32))
 
     def _measure_update_without_optimizer(self) -> None:
@@ -736,8 +794,10 @@ class Monitor:
         self._host_modules_checked[0] = self._host_modules_checked[n]
         self._host_modules_checked[1:] = False
         self._base = upto
+        self._flush_deadline = time.perf_counter() + (self.flush_seconds if self.flush_seconds is not None else math.inf)
+        self._time_steps()
         live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
-        if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto):
+        if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host)):
             self._detect_live()
 
     def _combine_ranks(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -750,11 +810,14 @@ class Monitor:
         counts_np = act_counts.cpu().numpy().astype(np.float64)
         with np.errstate(invalid="ignore"):
             host = steps_np.mean(axis=0)  # gradients, weights, updates: equal on every rank under DDP
-            host[:, self._c_sent : self._c_pnorm] = steps_np[:, :, self._c_sent : self._c_pnorm].sum(axis=0)
+            cols = self._sentinel_cols
+            host[:, cols] = steps_np[:, :, cols].sum(axis=0)
             losses = steps_np[:, :, 0].T  # (n, world)
             # A rank "went non-finite" by its own loss or forward outputs; gradients cannot tell, as
             # DDP's all-reduce spreads one rank's NaN gradient to every rank.
-            outputs = steps_np[:, :, self._c_sent : self._c_pnorm]
+            outputs = steps_np[:, :, cols]
+            # watched modules not checked on a step hold NaN placeholders, not NaN values
+            outputs[:, ~self._host_modules_checked[:n], : self._n_watched] = 0.0
             bad = ~np.isfinite(losses) | ~np.isfinite(outputs).all(axis=2).T
             first_bad = np.where(bad.any(axis=1), bad.argmax(axis=1), np.nan)
             parts = acts_np.sum(axis=0)
@@ -775,42 +838,36 @@ class Monitor:
         grad = host[:, self._c_grad : self._c_grad + p]
         pnorm = host[:, self._c_pnorm : self._c_pnorm + p]
         upd = host[:, self._c_upd : self._c_upd + p]
-        sentinel = host[:, self._c_sent : self._c_pnorm]
+        sentinel = host[:, self._sentinel_cols]  # watched modules, input batch, model output
         missing = self._host_missing[:n]
         grad = np.where(missing, 0.0, grad)
-        lr = np.full((n, self._n_groups), math.nan)
-        for i, row in enumerate(self._host_lr[:n]):
-            lr[i] = [float(v) for v in row]  # tensor learning rates are read here, once per flush
+        lr = self._learning_rates(n)
         if self._has_optimizer:
             # 1 where optimizer.step() did not run for the step: a GradScaler skipping Inf/NaN
             # gradients, or a loop that records steps it does not take. Known on every step with a
             # GradScaler, else on the steps whose update is measured (NaN on the others).
-            def skipped_at(step: int) -> float:
-                if self._grad_scaler is None and (not self.update_every or step % self.update_every):
-                    return math.nan
-                return float(step not in self._optimizer_stepped)
-
-            skipped = np.array([[skipped_at(s)] for s in range(first_step, first_step + n)])
+            steps = np.arange(first_step, first_step + n)
+            if self._grad_scaler is not None:
+                known = np.ones(n, dtype=bool)
+            else:
+                known = steps % self.update_every == 0 if self.update_every else np.zeros(n, dtype=bool)
+            stepped = np.isin(steps, np.fromiter(self._optimizer_stepped, dtype=np.int64, count=len(self._optimizer_stepped)))
+            skipped = np.where(known, (~stepped).astype(np.float64), np.nan)
             self._optimizer_stepped.difference_update(range(first_step, first_step + n))
-            lr = np.concatenate([lr, skipped], axis=1)
+            lr = np.concatenate([lr, skipped[:, None]], axis=1)
         if per_rank is not None:
             lr = np.concatenate([lr, per_rank], axis=1)  # loss per rank, first non-finite rank
         sq = grad * grad
         global_norm = np.sqrt(sq.sum(axis=1))
-        n_layers = len(self._layout.layer_names)
-        layer_grad = np.zeros((n, n_layers))
-        layer_pnorm = np.zeros((n, n_layers))
-        layer_upd = np.zeros((n, n_layers))
-        layer_nonfinite = np.zeros((n, n_layers))
-        layer_missing = np.zeros((n, n_layers))
-        param_layer = np.asarray(self._layout.param_layer)
-        for layer in range(n_layers):
-            idx = np.flatnonzero(param_layer == layer)
-            layer_grad[:, layer] = np.sqrt(sq[:, idx].sum(axis=1))
-            layer_pnorm[:, layer] = np.sqrt((pnorm[:, idx] ** 2).sum(axis=1))
-            layer_upd[:, layer] = np.sqrt((upd[:, idx] ** 2).sum(axis=1))
-            layer_nonfinite[:, layer] = (~np.isfinite(grad[:, idx])).sum(axis=1)
-            layer_missing[:, layer] = missing[:, idx].sum(axis=1)
+        # Per-layer sums over each layer's parameters: one reduceat over the parameter columns sorted
+        # by layer, for all five metrics at once (a NaN stays in its own layer, unlike in a matmul).
+        order, starts, layers = self._layer_segments
+        with np.errstate(over="ignore"):
+            per_param = np.stack([sq, pnorm * pnorm, upd * upd, ~np.isfinite(grad), missing])[:, :, order]
+        per_layer = np.zeros((5, n, len(self._layout.layer_names)))
+        per_layer[:, :, layers] = np.add.reduceat(per_param, starts, axis=2)
+        np.sqrt(per_layer[:3], out=per_layer[:3])
+        layer_grad, layer_pnorm, layer_upd, layer_nonfinite, layer_missing = per_layer
         with np.errstate(invalid="ignore"):
             output_nonfinite = (~np.isfinite(sentinel)).astype(np.float64)
         output_nonfinite[~self._host_modules_checked[:n], : self._n_watched] = np.nan  # not checked
@@ -835,10 +892,39 @@ class Monitor:
 
     # ------------------------------------------------------------------ live detection
 
-    def _detection_due(self, step: int) -> bool:
+    def _time_steps(self) -> None:
+        """The median time between step() calls over the last flush: the training loop's own pace,
+        unmoved by an evaluation pass or a checkpoint between two steps."""
+        clock = self._step_clock
+        if len(clock) >= 2:
+            self._step_seconds = float(np.median(np.diff(clock)))
+        self._step_clock = clock[-1:]
+
+    def _new_nonfinite(self, host: np.ndarray) -> bool:
+        if self._nonfinite_flushed:
+            return False
+        first = 0 if self._loss_given else 1  # no loss passed: its column holds NaN placeholders
+        bad = not np.isfinite(host[:, first : self._c_io]).all()  # the loss or a gradient norm
+        self._nonfinite_flushed = bad
+        return bad
+
+    def _learning_rates(self, n: int) -> np.ndarray:
+        rows = self._host_lr[:n]
+        if not rows or not self._n_groups:
+            return np.full((n, self._n_groups), math.nan)
+        try:
+            return np.asarray(rows, dtype=np.float64).reshape(n, self._n_groups)
+        except (TypeError, ValueError):  # tensor learning rates, or groups added mid-run
+            lr = np.full((n, self._n_groups), math.nan)
+            for i, row in enumerate(rows):
+                values = [float(v) for v in row][: self._n_groups]  # tensor learning rates are read here, once per flush
+                lr[i, : len(values)] = values
+            return lr
+
+    def _detection_due(self, step: int, nonfinite: bool) -> bool:
         if self.detect_every is not None:
             return step - self._last_detect >= self.detect_every
-        return time.perf_counter() >= self._next_detect_time
+        return nonfinite or step - self._last_detect >= self._detect_wait_steps
 
     def _detect_live(self) -> None:
         from gradscope.detect.registry import diagnose_live
@@ -855,8 +941,10 @@ class Monitor:
         try:
             self._report_live(diagnose_live(run, select=self._select, ignore=self._ignore))
         finally:
-            # Budget: detection may use 2% of wall time, so the next run waits 49× this one's cost.
-            self._next_detect_time = time.perf_counter() + 49 * (time.perf_counter() - started)
+            # Budget: detection may use 1% of training time, so the next run waits for as many steps
+            # as take 99× this one's cost.
+            cost = time.perf_counter() - started
+            self._detect_wait_steps = math.ceil(99 * cost / max(self._step_seconds, 1e-6))
 
     def _report_live(self, findings: Iterable[Finding]) -> None:
         for finding in findings:
@@ -922,6 +1010,14 @@ def _positive_int(name: str, value: object, *, allow_zero: bool = True) -> int:
     return value
 
 
+def _positive_seconds(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise InvalidInputError(f"expected {name} to be a number of seconds > 0, or None, but got {value!r}")
+    return float(value)
+
+
 def _parse_on_finding(value: OnFinding) -> tuple[_LiveAction, Callable[[Finding], Any] | None]:
     if value is None:
         return _LiveAction.NONE, None
@@ -935,7 +1031,12 @@ def _parse_on_finding(value: OnFinding) -> tuple[_LiveAction, Callable[[Finding]
         ) from None
 
 
+_LOSS_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64})
+
+
 def _check_loss(loss: object) -> torch.Tensor | float | None:
+    if type(loss) is torch.Tensor and loss.dtype in _LOSS_DTYPES and loss.numel() == 1 and not loss.is_meta:
+        return loss  # the usual case, checked in ~0.5 µs
     if loss is None:
         return None
     if isinstance(loss, torch.Tensor):
@@ -952,6 +1053,13 @@ def _check_loss(loss: object) -> torch.Tensor | float | None:
     if isinstance(loss, (int, float, np.floating, np.integer)) and not isinstance(loss, bool):
         return float(loss)
     raise InvalidInputError(f"expected the loss as a scalar tensor or a number but got {type(loss).__name__}")
+
+
+def _add_sum(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """A NaN/Inf sentinel: the running sum of ``x`` over the step's forwards, non-finite exactly
+    when some value was (or when the values reach ~1e38, far past any activation that trains)."""
+    s = x.detach().sum(dtype=torch.float32)
+    return s if total is None else total + s
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["N_ACT_PARTS", "Bounded", "Observed", "bounded_kind", "combine", "finish_on_host", "first_tensor", "observe", "units_alive"]
+__all__ = ["N_ACT_PARTS", "Bounded", "Observed", "bounded_kind", "combine", "finish_on_host", "first_tensor", "observe", "unit_sum_of_squares"]
 
 # A unit within 1% of its activation's range from a bound passes back under ~4% of the gradient it
 # would pass at the centre (sigmoid'(x) = s(1-s) ≤ 0.0099 when s > 0.99, vs 0.25 at s = 0.5).
@@ -73,12 +73,16 @@ def is_measurable(x: torch.Tensor) -> bool:
 
 # Activation statistics of one module on one step are kept as raw device "parts", and every
 # division by a count the host already knows (elements, units, rows) is left to the flush, so a
-# sampled step costs a few cheap reductions per module and no host transfer. Sums rather than
-# var_mean: on CPU var_mean is ~20× slower than a sum plus a dot product, and the cancellation in
-# E[x²] − E[x]² only matters when |mean| > 1000·std, far outside what the detectors read.
-#   [sum, sum of squares, nonzero count, saturated count, min, max, non-finite count, alive units]
-PART_SUM, PART_SUMSQ, PART_NONZERO, PART_SATURATED, PART_MIN, PART_MAX, PART_NONFINITE, PART_ALIVE = range(8)
-N_ACT_PARTS = 8
+# sampled step costs a few cheap reductions per module and no host transfer. The reductions are the
+# ones that run at memory speed on both CPU and GPU: sums, dot products and ``aminmax``. Measured on
+# CPU for a (64, 16, 28, 28) ReLU output: ``count_nonzero`` takes ~3.5 ms (it branches on every
+# element), ``sign`` then a dot product ~0.15 ms; ``var_mean`` is ~20× slower than a sum plus a dot
+# product, and the cancellation in E[x²] − E[x]² only matters when |mean| > 1000·std, far outside
+# what the detectors read.
+#   [sum, sum of squares, nonzero count, saturated count, min, max, alive units]
+# NaN/Inf needs no part of its own: min and max are non-finite exactly when some value is.
+PART_SUM, PART_SUMSQ, PART_NONZERO, PART_SATURATED, PART_MIN, PART_MAX, PART_ALIVE = range(7)
+N_ACT_PARTS = 7
 
 
 @dataclasses.dataclass
@@ -86,7 +90,7 @@ class Observed:
     """One module's activation parts for the current step, with the host-known counts."""
 
     parts: torch.Tensor  # (N_ACT_PARTS,) float32
-    alive: torch.Tensor  # (units,) bool
+    unit_sumsq: torch.Tensor  # (units,) float32 sum of squares per unit: 0 for a unit that never fired
     n: int  # elements
     units: int
     saturation_denominator: int  # elements or softmax rows; 0 when the activation is unbounded
@@ -95,31 +99,47 @@ class Observed:
 def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True) -> Observed:
     """Raw statistics of one module output (or, with ``units=False``, of the input batch, whose
     per-unit liveness is not computed: it is the largest tensor and "dead inputs" are not a fault)."""
-    x = x.detach()
     if x.dtype != torch.float32:
         x = x.float()  # statistics in float32 whatever the activation dtype (bf16/fp16 overflow early)
     flat = x.reshape(-1)
     low, high = torch.aminmax(flat)  # NaN propagates: a NaN activation shows as NaN min/max
-    alive = units_alive(x) if units else torch.ones(0, dtype=torch.bool, device=x.device)
-    saturated, denominator = _saturated(x, kind)
-    parts = torch.stack(
-        [
-            flat.sum(),
-            torch.dot(flat, flat),
-            torch.count_nonzero(flat).float(),
-            saturated,
-            low,
-            high,
-            torch.count_nonzero(flat - flat).float(),  # x − x is 0 where finite, NaN elsewhere
-            torch.count_nonzero(alive).float(),
-        ]
-    )
-    return Observed(parts, alive, x.numel(), int(alive.numel()) if units else 0, denominator)
+    signs = flat.sign()  # 0 at zeros, ±1 elsewhere (NaN at NaN): its dot with itself counts nonzeros
+    zero = _zero(x.device)
+    if units:
+        unit_sumsq = unit_sum_of_squares(x)
+        sumsq = unit_sumsq.sum()
+        alive = _count_alive(unit_sumsq)
+    else:
+        unit_sumsq = _empty(x.device)
+        sumsq = torch.dot(flat, flat)
+        alive = zero
+    saturated, denominator = _saturated(x, kind) if kind is not Bounded.NONE else (zero, 0)
+    parts = torch.stack([flat.sum(), sumsq, torch.dot(signs, signs), saturated, low, high, alive])
+    return Observed(parts, unit_sumsq, x.numel(), int(unit_sumsq.numel()), denominator)
+
+
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    """A cached 0-d zero on ``device`` (read only): a placeholder part without an allocation per module."""
+    zero = _ZEROS.get(device)
+    if zero is None:
+        zero = _ZEROS[device] = torch.zeros((), device=device)
+    return zero
+
+
+_EMPTY: dict[torch.device, torch.Tensor] = {}
+
+
+def _empty(device: torch.device) -> torch.Tensor:
+    empty = _EMPTY.get(device)
+    if empty is None:
+        empty = _EMPTY[device] = torch.zeros(0, device=device)
+    return empty
 
 
 def _saturated(x: torch.Tensor, kind: Bounded) -> tuple[torch.Tensor, int]:
-    if kind is Bounded.NONE:
-        return torch.zeros((), device=x.device), 0
     if kind is Bounded.SOFTMAX:
         rows = x.reshape(-1, x.shape[-1]) if x.ndim > 0 else x.reshape(1, 1)
         return (rows.amax(dim=-1) > 1 - SATURATION_TOLERANCE).sum().float(), rows.shape[0]
@@ -130,8 +150,8 @@ def _saturated(x: torch.Tensor, kind: Bounded) -> tuple[torch.Tensor, int]:
 
 def combine(a: Observed, b: Observed) -> Observed:
     """Two micro-batches of one optimizer step as one (rare path: gradient accumulation)."""
-    same_units = a.alive.shape == b.alive.shape
-    alive = a.alive | b.alive if same_units else a.alive
+    same_units = a.unit_sumsq.shape == b.unit_sumsq.shape
+    unit_sumsq = a.unit_sumsq + b.unit_sumsq if same_units else a.unit_sumsq
     additive = a.parts + b.parts
     parts = torch.stack(
         [
@@ -141,17 +161,17 @@ def combine(a: Observed, b: Observed) -> Observed:
             additive[PART_SATURATED],
             torch.minimum(a.parts[PART_MIN], b.parts[PART_MIN]),
             torch.maximum(a.parts[PART_MAX], b.parts[PART_MAX]),
-            additive[PART_NONFINITE],
-            torch.count_nonzero(alive).float() if same_units else torch.full((), math.nan, device=alive.device),
+            _count_alive(unit_sumsq) if same_units else torch.full((), math.nan, device=unit_sumsq.device),
         ]
     )
-    return Observed(parts, alive, a.n + b.n, a.units, a.saturation_denominator + b.saturation_denominator)
+    return Observed(parts, unit_sumsq, a.n + b.n, a.units, a.saturation_denominator + b.saturation_denominator)
 
 
 def finish_on_host(parts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Raw parts ``(..., N_ACT_PARTS)`` and counts ``(..., 3)`` = [elements, units, saturation
     denominator] → the stored metrics ``(..., len(ACTIVATION_METRICS))`` in schema order."""
     n, units, denominator = counts[..., 0], counts[..., 1], counts[..., 2]
+    low, high = parts[..., PART_MIN], parts[..., PART_MAX]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         mean = parts[..., PART_SUM] / n
         var = parts[..., PART_SUMSQ] / n - mean * mean
@@ -162,24 +182,37 @@ def finish_on_host(parts: np.ndarray, counts: np.ndarray) -> np.ndarray:
                 1 - parts[..., PART_NONZERO] / n,
                 1 - parts[..., PART_ALIVE] / units,
                 np.where(denominator > 0, parts[..., PART_SATURATED] / denominator, np.nan),
-                np.maximum(np.abs(parts[..., PART_MIN]), np.abs(parts[..., PART_MAX])),  # NaN propagates
-                parts[..., PART_NONFINITE],
+                np.maximum(np.abs(low), np.abs(high)),  # NaN propagates
+                np.where(np.isnan(n), np.nan, (~np.isfinite(low) | ~np.isfinite(high)).astype(np.float64)),
             ],
             axis=-1,
         )
 
 
-def unit_dim(x: torch.Tensor) -> int:
-    """The axis that indexes units: channels for images (N, C, H, W), features otherwise (last axis)."""
-    return 1 if x.ndim >= 4 else x.ndim - 1
+def _other_dims(ndim: int) -> tuple[int, ...]:
+    """The axes reduced over to get per-unit values. Units are channels for images (N, C, H, W),
+    features (the last axis) otherwise."""
+    unit = 1 if ndim >= 4 else ndim - 1
+    return tuple(d for d in range(ndim) if d != unit)
 
 
-def units_alive(x: torch.Tensor) -> torch.Tensor:
-    """(units,) bool: which units were non-zero somewhere in the batch."""
-    if x.ndim == 0:
-        return (x != 0).reshape(1)
-    dim = unit_dim(x)
-    other = [d for d in range(x.ndim) if d != dim]
-    # |x| max over the other axes > 0: one reduction, several times faster than (x != 0).any(dims)
-    # (== 0 negated, not > 0, so a NaN unit counts as alive: it is broken, not dead)
-    return ~(x.abs().amax(dim=other) == 0) if other else x != 0
+_OTHER_DIMS = [_other_dims(ndim) if ndim >= 2 else () for ndim in range(8)]
+
+
+def unit_sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """(units,) float32: each unit's sum of x² over the batch (and positions). Zero for a unit that
+    never fired (and for one whose values all stay under ~1e-22 in magnitude, whose squares round to
+    0 in float32: dead for any practical purpose); NaN for a unit that saw NaN (broken, not dead).
+    Their total is Σx²."""
+    if x.ndim <= 1:
+        return (x * x).reshape(-1)
+    other = _OTHER_DIMS[x.ndim] if x.ndim < len(_OTHER_DIMS) else _other_dims(x.ndim)
+    if x.device.type == "cpu":
+        return (x * x).sum(dim=other)  # on CPU ~6× faster than vector_norm along dimensions
+    norms: torch.Tensor = torch.linalg.vector_norm(x, 2, dim=other)  # one fused pass, no x-sized temporary
+    return norms.square()
+
+
+def _count_alive(unit_sumsq: torch.Tensor) -> torch.Tensor:
+    # nonzero rather than > 0, so a NaN unit counts as alive: it is broken, not dead
+    return torch.count_nonzero(unit_sumsq).float()  # ~2.5× faster than (u != 0).sum(dtype=float32) on CPU

@@ -38,5 +38,5 @@ ACTIVATION_METRICS = (
     "act_dead_frac",  # fraction of units that were zero for the whole batch
     "act_saturated_frac",  # bounded activations only: fraction within a tolerance of the bounds
     "act_max_abs",
-    "act_nonfinite",  # count of NaN/Inf values
+    "act_nonfinite",  # 1 when the output held NaN/Inf (min or max non-finite), else 0
 )

@@ -116,7 +116,7 @@ class _InjectNonFinite(nn.Module):
         return x + bad
 
 
-def test_nonfinite_outputs_are_counted_and_traced_to_the_module(quiet: dict[str, Any]) -> None:
+def test_nonfinite_outputs_are_flagged_and_traced_to_the_module(quiet: dict[str, Any]) -> None:
     model = nn.Sequential(nn.Linear(4, 4), _InjectNonFinite(), nn.Linear(4, 2))
     with gradscope.Monitor(model, activation_every=2, update_every=1, check_outputs=True, **quiet) as mon:
         for _ in range(3):
@@ -131,12 +131,12 @@ def test_nonfinite_outputs_are_counted_and_traced_to_the_module(quiet: dict[str,
     assert (flags["2"] == 1).all()  # the non-finite values flow on
     assert (flags[run.input_layer] == 0).all()
     assert (flags["(output)"] == 1).all()
-    # sampled steps (0 and 2): the exact count
+    # sampled steps (0 and 2): the activation statistics flag it too
     counts = run.metric("act_nonfinite")
     np.testing.assert_array_equal(counts.index, [0, 2])
-    assert (counts["1"] == 2).all()
+    assert (counts["1"] == 1).all()
     assert (counts["0"] == 0).all()
-    # a NaN anywhere makes mean, std and max |x| NaN too: the count says how many values were bad
+    # a NaN anywhere makes mean, std and max |x| NaN too
     assert run.metric("act_max_abs")["1"].isna().all()
     assert np.isfinite(run.metric("act_max_abs")["0"]).all()
     # the layer reading the bad values gets a non-finite weight gradient (its bias gradient stays

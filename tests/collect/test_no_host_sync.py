@@ -64,7 +64,7 @@ def test_no_host_copy_between_flushes(name: str, cases: Any, monkeypatch: pytest
 
     model, opt = fresh()
     # every collection path on every step: activations, updates, output checks, all on each step
-    mon = gradscope.Monitor(model, opt, flush_every=10_000, activation_every=1, update_every=1, check_outputs=True, on_finding=None)
+    mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, activation_every=1, update_every=1, check_outputs=True, on_finding=None)
     _train(case, model, opt, mon, 1)
     inside_step: Counter[str] = Counter()
     original_step = mon.step
@@ -88,7 +88,7 @@ def test_the_counter_catches_a_deliberate_item(cases: Any, monkeypatch: pytest.M
     case = cases["mlp"]
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = gradscope.Monitor(model, opt, flush_every=10_000, on_finding=None)
+    mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, on_finding=None)
     original = Monitor._record_step
 
     def leaky(self: Monitor, loss: Any) -> None:

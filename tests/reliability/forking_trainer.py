@@ -63,6 +63,7 @@ def child(case: dict[str, Any], barrier: int | None) -> int:
             opt,
             log_dir=case["log_dir"],
             flush_every=case.get("flush_every", 4),
+            flush_seconds=None,  # writes exactly every flush_every steps: the kill points count on it
             activation_every=case.get("activation_every", 2),
             update_every=case.get("update_every", 1),
             on_finding="warn" if case.get("live") else None,

@@ -78,7 +78,7 @@ def test_two_monitors_on_one_model_make_two_separate_correct_runs(tmp_path: Path
     closing one leaves the other recording exactly what a lone Monitor records."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    options: dict[str, Any] = {"flush_every": FLUSH, "activation_every": 1, "update_every": 1, "on_finding": None}
+    options: dict[str, Any] = {"flush_every": FLUSH, "flush_seconds": None, "activation_every": 1, "update_every": 1, "on_finding": None}
     with gradscope.Monitor(model, opt, log_dir=tmp_path / "outer", **options) as outer:
         with gradscope.Monitor(model, opt, log_dir=tmp_path / "inner", **options) as inner:
             losses = train(model, opt, _Pair(outer, inner), 5)

@@ -137,7 +137,7 @@ class _Loop:
         self.bare = copy.deepcopy(self.model)  # never monitored: the training gradscope must not change
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
         self.log_dir = tmp_path / "run"
-        self.options = {"flush_every": FLUSH, "activation_every": 2, "update_every": 1, "on_finding": None, **options}
+        self.options = {"flush_every": FLUSH, "flush_seconds": None, "activation_every": 2, "update_every": 1, "on_finding": None, **options}
         self.step = 0
         self.losses: list[float] = []
 

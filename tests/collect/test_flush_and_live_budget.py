@@ -1,0 +1,105 @@
+"""When the Monitor writes, and when live detection runs: writes come every ``flush_every`` steps or
+``flush_seconds``, whichever is first; live detection spends about 1% of *training* time (measured
+per step, so a pause in the loop does not buy extra runs), except that the first NaN/Inf is checked
+at once."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+from gradscope import Finding
+from gradscope.detect import registry
+from gradscope.errors import InvalidInputError
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, mon: gradscope.Monitor, *, nan: bool = False) -> None:
+    opt.zero_grad()
+    x = torch.randn(8, 4)
+    loss = model(x).pow(2).mean()
+    if nan:
+        loss = loss * math.nan
+    loss.backward()
+    mon.step(loss)
+    opt.step()
+
+
+def _model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, math.nan, math.inf, "2", True])
+def test_a_bad_flush_seconds_is_refused(value: Any, tmp_path: Path) -> None:
+    model, opt = _model()
+    with pytest.raises(InvalidInputError, match="flush_seconds"):
+        gradscope.Monitor(model, opt, log_dir=tmp_path, flush_seconds=value)
+
+
+def test_a_slow_loop_is_written_every_flush_seconds(tmp_path: Path) -> None:
+    model, opt = _model()
+    with gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=1000, flush_seconds=0.05, on_finding=None) as mon:
+        for _ in range(4):
+            _step(model, opt, mon)
+            time.sleep(0.06)
+        _step(model, opt, mon)
+        # written while training goes on, long before 1000 steps: a crash now would keep them
+        assert gradscope.load(tmp_path).n_steps == 4
+    assert gradscope.load(tmp_path).n_steps == 5
+
+
+def test_without_flush_seconds_only_the_step_count_triggers_a_write(tmp_path: Path) -> None:
+    model, opt = _model()
+    with gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=3, flush_seconds=None, on_finding=None) as mon:
+        for _ in range(2):
+            _step(model, opt, mon)
+            time.sleep(0.03)
+        assert gradscope.load(tmp_path).n_steps == 0
+        for _ in range(2):
+            _step(model, opt, mon)
+        assert gradscope.load(tmp_path).n_steps == 3
+
+
+@pytest.fixture
+def slow_detection(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Live detection that takes 20 ms a run; returns the step of every run."""
+    runs: list[int] = []
+    real = registry.diagnose_live
+
+    def diagnose_live(run: gradscope.Run, **options: Any) -> Any:
+        runs.append(run.n_steps)
+        time.sleep(0.02)
+        return real(run, **options)
+
+    monkeypatch.setattr(registry, "diagnose_live", diagnose_live)
+    return runs
+
+
+def test_a_pause_in_the_loop_does_not_buy_extra_detection_runs(slow_detection: list[int], tmp_path: Path) -> None:
+    model, opt = _model()
+    with gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=10, on_finding=lambda f: None) as mon:
+        for step in range(60):
+            _step(model, opt, mon)
+            if step == 15:
+                time.sleep(1.2)  # an evaluation pass: 60× the detection's cost, but no training
+        # 20 ms of detection waits for 99 × 20 ms of training at ~1 ms a step: thousands of steps
+        assert slow_detection == [10]
+    assert slow_detection == [10, 60]  # and once more at close, on the whole run
+
+
+def test_the_first_nan_is_checked_at_the_next_write_whatever_the_budget(slow_detection: list[int], tmp_path: Path) -> None:
+    model, opt = _model()
+    seen: list[Finding] = []
+    with gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=10, on_finding=seen.append) as mon:
+        for step in range(60):
+            _step(model, opt, mon, nan=step >= 33)
+        assert slow_detection == [10, 40]  # the budget alone would allow no second run
+    assert [f.code for f in seen] == ["nonfinite"] and seen[0].step == 33
