@@ -83,7 +83,7 @@ def write_long_run(path: Path, steps: int, n_layers: int = 50, chunk: int = 1000
             data = rng.lognormal(-2, 0.3, size=(n, n_step_cols)).astype(np.float32)
             data[:, 0] = decay[start:stop] * rng.lognormal(0, 0.1, n)
             writer.append(schema.STEP_STREAM, np.arange(start, stop), data)
-            sampled = np.arange(start, stop)[np.arange(start, stop) % 10 == 0]
+            sampled = np.arange(start, stop)[np.arange(start, stop) % 50 == 0]  # the default activation_every
             writer.append(schema.FORWARD_STREAM, sampled, rng.uniform(0, 1, size=(len(sampled), n_fwd_cols)).astype(np.float32))
         mon._step = steps
         mon._base = steps

@@ -74,7 +74,8 @@ class Monitor:
         activation_every: sample full activation statistics every this many steps (0: never).
             50 by default: activations drift slowly next to gradients, and a sampled step costs
             several reductions per module (~0.5 ms for a 64×128 MLP on CPU, with the hooks), so
-            sampling keeps their cost to a fiftieth.
+            sampling keeps their cost to a fiftieth. On CPU this keeps one float32 work buffer the
+            size of the largest activation.
         update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). 25 by default: the
             update/weight ratio drifts slowly, and each measurement copies every parameter and reads
             it three more times. Holds one copy of the parameters in memory.
@@ -213,6 +214,7 @@ class Monitor:
         self._act_steps: list[int] = []
         self._bounded = [stats.bounded_kind(m) for m in layout.watched_modules] + [stats.Bounded.NONE]
         self._observed: dict[int, stats.Observed] = {}
+        self._scratch = stats.Scratch()  # CPU work buffer for activation statistics
         self._sentinel: dict[int, torch.Tensor] = {}  # watched module -> output sum (check_outputs only)
         self._call_order: list[int] = []
         self._zero = torch.zeros((), device=self._device)
@@ -352,6 +354,7 @@ class Monitor:
             self._layout.params = []
             self._layout.watched_modules = []
             self._snapshot = None
+            self._scratch.release()
             _open_monitors.discard(self)
 
     def __enter__(self) -> Monitor:
@@ -531,7 +534,7 @@ class Monitor:
             self._call_order.append(index)  # forward order is taken from step 0 only
         x = x.detach()
         if self._sampling:
-            observed = stats.observe(x, self._bounded[index], units=index < self._n_watched)
+            observed = stats.observe(x, self._bounded[index], units=index < self._n_watched, scratch=self._scratch)
             previous_obs = self._observed.get(index)
             self._observed[index] = observed if previous_obs is None else stats.combine(previous_obs, observed)
         else:

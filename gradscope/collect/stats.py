@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["N_ACT_PARTS", "Bounded", "Observed", "bounded_kind", "combine", "finish_on_host", "first_tensor", "observe", "unit_sum_of_squares"]
+__all__ = ["N_ACT_PARTS", "Bounded", "Observed", "Scratch", "bounded_kind", "combine", "finish_on_host", "first_tensor", "observe", "unit_sum_of_squares"]
 
 # A unit within 1% of its activation's range from a bound passes back under ~4% of the gradient it
 # would pass at the centre (sigmoid'(x) = s(1-s) ≤ 0.0099 when s > 0.99, vs 0.25 at s = 0.5).
@@ -96,17 +96,45 @@ class Observed:
     saturation_denominator: int  # elements or softmax rows; 0 when the activation is unbounded
 
 
-def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True) -> Observed:
+class Scratch:
+    """One reusable float32 work buffer for the x-sized temporaries of :func:`observe` on CPU.
+
+    A fresh multi-megabyte CPU tensor comes from ``mmap`` and page-faults on first touch: two such
+    temporaries per module made a (64, 16, 28, 28) activation cost ~2.9 ms instead of ~0.4 ms.
+    The buffer grows to the largest activation observed and is kept until :meth:`release`. On
+    other devices it is not used: their caching allocators already reuse memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A float32 buffer shaped like ``x`` (contents undefined), or None off the CPU."""
+        if x.device.type != "cpu":
+            return None
+        n = x.numel()
+        if self._buffer is None or self._buffer.numel() < n:
+            self._buffer = torch.empty(n, dtype=torch.float32)
+        return self._buffer[:n].view(x.shape)
+
+    def release(self) -> None:
+        self._buffer = None
+
+
+def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True, scratch: Scratch | None = None) -> Observed:
     """Raw statistics of one module output (or, with ``units=False``, of the input batch, whose
     per-unit liveness is not computed: it is the largest tensor and "dead inputs" are not a fault)."""
     if x.dtype != torch.float32:
         x = x.float()  # statistics in float32 whatever the activation dtype (bf16/fp16 overflow early)
     flat = x.reshape(-1)
+    work = scratch.like(x) if scratch is not None else None
     low, high = torch.aminmax(flat)  # NaN propagates: a NaN activation shows as NaN min/max
-    signs = flat.sign()  # 0 at zeros, ±1 elsewhere (NaN at NaN): its dot with itself counts nonzeros
+    # 0 at zeros, ±1 elsewhere (NaN at NaN): its dot with itself counts the nonzeros
+    signs = torch.sign(flat, out=work.reshape(-1)) if work is not None else flat.sign()
+    nonzero = torch.dot(signs, signs)  # before the work buffer is reused below
     zero = _zero(x.device)
     if units:
-        unit_sumsq = unit_sum_of_squares(x)
+        unit_sumsq = unit_sum_of_squares(x, work)
         sumsq = unit_sumsq.sum()
         alive = _count_alive(unit_sumsq)
     else:
@@ -114,7 +142,7 @@ def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True) -> Observed:
         sumsq = torch.dot(flat, flat)
         alive = zero
     saturated, denominator = _saturated(x, kind) if kind is not Bounded.NONE else (zero, 0)
-    parts = torch.stack([flat.sum(), sumsq, torch.dot(signs, signs), saturated, low, high, alive])
+    parts = torch.stack([flat.sum(), sumsq, nonzero, saturated, low, high, alive])
     return Observed(parts, unit_sumsq, x.numel(), int(unit_sumsq.numel()), denominator)
 
 
@@ -199,16 +227,17 @@ def _other_dims(ndim: int) -> tuple[int, ...]:
 _OTHER_DIMS = [_other_dims(ndim) if ndim >= 2 else () for ndim in range(8)]
 
 
-def unit_sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+def unit_sum_of_squares(x: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """(units,) float32: each unit's sum of x² over the batch (and positions). Zero for a unit that
     never fired (and for one whose values all stay under ~1e-22 in magnitude, whose squares round to
     0 in float32: dead for any practical purpose); NaN for a unit that saw NaN (broken, not dead).
-    Their total is Σx²."""
+    Their total is Σx². ``work``, a float32 buffer shaped like ``x``, holds the squares on CPU."""
     if x.ndim <= 1:
         return (x * x).reshape(-1)
     other = _OTHER_DIMS[x.ndim] if x.ndim < len(_OTHER_DIMS) else _other_dims(x.ndim)
-    if x.device.type == "cpu":
-        return (x * x).sum(dim=other)  # on CPU ~6× faster than vector_norm along dimensions
+    if x.device.type == "cpu":  # on CPU a product and a sum are ~6× faster than vector_norm along dimensions
+        squares = torch.mul(x, x, out=work) if work is not None else x * x
+        return squares.sum(dim=other)
     norms: torch.Tensor = torch.linalg.vector_norm(x, 2, dim=other)  # one fused pass, no x-sized temporary
     return norms.square()
 

@@ -484,10 +484,10 @@ class RunFacts:
         initialised to zero, so no gradient can pass through them (an exact-zero test is right here)."""
         if "param_weight_norm" not in self.run.metrics or not self.run.n_steps:
             return []
-        first = self.run.metric("param_weight_norm").iloc[0]
+        values, params = self.run.metric_array("param_weight_norm")  # the first row only: no frame of every step
         layer_of = dict(zip(self.run.meta.get("params", []), self.run.meta.get("param_layers", []), strict=False))
         zero = []
-        for param, value in first.items():
+        for param, value in zip(params, values[0], strict=True):
             layer = layer_of.get(str(param))
             if str(param).endswith("weight") and value == 0 and layer in set(self.weight_layers) and layer not in zero:
                 zero.append(layer)

@@ -187,24 +187,52 @@ class Run:
         Activation metrics (``act_*``) are indexed by the steps on which activations were sampled.
         ``update_ratio`` is derived as ``update_norm / weight_norm``.
         """
-        if metric == "update_ratio" and metric not in self._index:
-            upd, par = self.metric("update_norm", layers), self.metric("weight_norm", layers)
+        if metric == "update_ratio" and metric not in self._index and "update_norm" in self._index:
+            (upd, names), (par, par_names) = self.metric_array("update_norm"), self.metric_array("weight_norm")
+            if names == par_names:  # computed on the float32 arrays: no float64 frame of each input
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = upd / np.where(par > 0, par, np.float32(np.nan))
+                steps = self._chunk(self._index["update_norm"][0]).steps
+                frame = pd.DataFrame(
+                    ratio.astype(np.float64), index=pd.Index(steps, name="step"), columns=pd.Index(names, name="layer"), copy=False
+                )
+                return frame if layers is None or list(layers) == names else frame.reindex(columns=list(layers))
+            upd_frame, par_frame = self.metric("update_norm", layers), self.metric("weight_norm", layers)
             with np.errstate(divide="ignore", invalid="ignore"):
-                return upd / par.where(par > 0)
+                return upd_frame / par_frame.where(par_frame > 0)
         if metric not in self._index:
             from gradscope.errors import InvalidInputError
 
             raise InvalidInputError(f"expected one of the run's metrics ({', '.join(sorted(self.metrics))}) but got {metric!r}")
-        stream, cols, names = self._index[metric]
-        chunk = self._chunk(stream)
+        values, names = self.metric_array(metric)
         frame = pd.DataFrame(
-            chunk.data[:, cols].astype(np.float64),
-            index=pd.Index(chunk.steps, name="step"),
+            values.astype(np.float64),
+            index=pd.Index(self._chunk(self._index[metric][0]).steps, name="step"),
             columns=pd.Index(names, name="layer"),
+            copy=False,  # the float64 array is already this frame's own: no second copy of a long run
         )
-        if layers is not None:
+        if layers is not None and list(layers) != names:
             frame = frame.reindex(columns=list(layers))
         return frame
+
+    def metric_array(self, metric: str) -> tuple[np.ndarray, list[str]]:
+        """A stored metric as its raw ``steps × layers`` float32 array and the layer names: a
+        read-only view of the loaded run when its columns sit side by side (they do for runs the
+        Monitor writes), so large runs can be scanned without a float64 copy of every series.
+        The rows are the steps of :meth:`metric` (``activation_steps`` for ``act_*`` metrics)."""
+        if metric not in self._index:
+            derived = self.metric(metric)  # update_ratio; any other name raises the error that lists the metrics
+            return derived.to_numpy(dtype=np.float32), [str(c) for c in derived.columns]
+        stream, cols, names = self._index[metric]
+        data = self._chunk(stream).data
+        first = cols[0] if len(cols) else 0
+        if len(cols) and np.array_equal(cols, np.arange(first, first + len(cols))):
+            values = data[:, first : first + len(cols)]
+        else:
+            values = data[:, cols]
+        values = values.view()
+        values.flags.writeable = False
+        return values, list(names)
 
     @property
     def activation_steps(self) -> np.ndarray:

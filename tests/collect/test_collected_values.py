@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope.collect import stats
 
 STEPS = 4
 
@@ -164,3 +165,29 @@ def test_by_default_modules_are_checked_on_sampled_steps_and_the_model_output_on
     assert flags["1"].iloc[[1, 3]].isna().all()  # not checked on the steps between samples
     # module hooks are attached only for sampled steps: the others take PyTorch's fast call path
     assert hooks_on_next_step == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(6, 3, 5, 5).relu(),
+        lambda: torch.randn(7, 4).t(),  # not contiguous
+        lambda: torch.randn(9),
+        lambda: torch.tensor(2.5),
+        lambda: torch.where(torch.rand(5, 8) < 0.2, math.nan, torch.randn(5, 8)),
+        lambda: torch.randn(4, 6, dtype=torch.float64),
+    ],
+    ids=["conv-relu", "transposed", "1d", "0d", "with-nan", "float64"],
+)
+def test_the_cpu_work_buffer_changes_no_statistic(make: Any) -> None:
+    """Activation statistics computed in the reused CPU work buffer equal freshly allocated ones,
+    also when a larger tensor used the buffer first."""
+    torch.manual_seed(0)
+    x = make()
+    scratch = stats.Scratch()
+    stats.observe(torch.randn(50, 50), stats.Bounded.NONE, scratch=scratch)  # leaves other values behind
+    for kind in (stats.Bounded.NONE, stats.Bounded.SYMMETRIC):
+        fresh = stats.observe(x, kind)
+        reused = stats.observe(x, kind, scratch=scratch)
+        torch.testing.assert_close(reused.parts, fresh.parts, equal_nan=True)
+        torch.testing.assert_close(reused.unit_sumsq, fresh.unit_sumsq, equal_nan=True)

@@ -114,3 +114,18 @@ def test_diagnose_accepts_a_path_a_run_or_a_monitor(cases: Any, quiet: dict[str,
     assert len({tuple((f.code, f.layers) for f in findings) for findings in results}) == 1
     with pytest.raises(gradscope.InvalidInputError, match=r"expected a run directory, a gradscope\.Run or a gradscope\.Monitor but got int"):
         gradscope.diagnose(3)  # type: ignore[arg-type]
+
+
+def test_metric_array_is_a_read_only_view_of_the_same_values(cases: Any, quiet: dict[str, Any], tmp_path: Path) -> None:
+    _monitored(cases["cnn"], tmp_path / "run", quiet)
+    run = gradscope.load(tmp_path / "run")
+    for metric in [*LAYER_METRICS, *PARAM_METRICS, "act_mean", "update_ratio"]:
+        values, names = run.metric_array(metric)
+        frame = run.metric(metric)
+        assert names == [str(c) for c in frame.columns]
+        np.testing.assert_array_equal(values.astype(np.float64), frame.to_numpy(), err_msg=metric)
+        assert values.dtype == np.float32 and not values.flags.writeable
+    grad, _ = run.metric_array("param_grad_norm")
+    assert np.shares_memory(grad, run.metric_array("param_grad_norm")[0])  # no copy per call
+    with pytest.raises(gradscope.GradscopeError, match="expected one of the run's metrics"):
+        run.metric_array("no_such_metric")

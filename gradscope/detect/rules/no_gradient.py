@@ -51,26 +51,29 @@ class NoGradient(Detector):
         n = run.n_steps
         if n < cfg.min_steps or "param_grad_missing" not in run.metrics:
             return
-        missing = run.metric("param_grad_missing")
-        norms = run.metric("param_grad_norm") if "param_grad_norm" in run.metrics else None
+        # Raw float32 arrays, not frames: this reads every parameter's series, the largest block of a run.
+        missing, missing_names = run.metric_array("param_grad_missing")
         layer_of = dict(zip(run.meta.get("params", []), run.meta.get("param_layers", []), strict=False))
-        miss_share = (missing.fillna(0).to_numpy(dtype=np.float64) > 0).mean(axis=0)
-        missing_params = [str(p) for p, s in zip(missing.columns, miss_share, strict=True) if s >= cfg.share]
+        absent = missing > 0  # NaN (not recorded) counts as present, as 0 does
+        miss_share = absent.mean(axis=0)
+        missing_params = [p for p, s in zip(missing_names, miss_share, strict=True) if s >= cfg.share]
         zero_params: list[str] = []
-        if norms is not None:
-            values = norms.to_numpy(dtype=np.float64)
-            present = missing.reindex(columns=norms.columns).fillna(0).to_numpy(dtype=np.float64) == 0
+        norm_names: list[str] = []
+        if "param_grad_norm" in run.metrics:
+            values, norm_names = run.metric_array("param_grad_norm")
+            if norm_names != missing_names:
+                position = {p: i for i, p in enumerate(missing_names)}
+                absent = np.stack([absent[:, position[p]] if p in position else np.zeros(len(absent), dtype=bool) for p in norm_names], axis=1)
+            present = ~absent
             zero = present & (values == 0)
             counted = present.sum(axis=0)
             share_zero = np.divide(zero.sum(axis=0), counted, out=np.zeros(values.shape[1]), where=counted > 0)
-            zero_params = [
-                str(p) for p, s, c in zip(norms.columns, share_zero, counted, strict=True) if c >= cfg.min_steps and s >= cfg.share
-            ]
+            zero_params = [p for p, s, c in zip(norm_names, share_zero, counted, strict=True) if c >= cfg.min_steps and s >= cfg.share]
         f = A.facts(run)
         if missing_params:
-            yield self._finding(run, f, missing_params, layer_of, kind="missing", share=miss_share, columns=list(missing.columns))
+            yield self._finding(run, f, missing_params, layer_of, kind="missing", share=miss_share, columns=missing_names)
         if zero_params:
-            yield self._finding(run, f, zero_params, layer_of, kind="zero", share=None, columns=list(norms.columns) if norms is not None else [])
+            yield self._finding(run, f, zero_params, layer_of, kind="zero", share=None, columns=norm_names)
 
     def _finding(
         self,
@@ -140,8 +143,9 @@ class NoGradient(Detector):
     @staticmethod
     def _onset(run: Run, params: list[str], kind: str) -> int:
         """First row from which the flagged parameters lacked a (non-zero) gradient until the end."""
-        frame = run.metric("param_grad_missing" if kind == "missing" else "param_grad_norm")[params]
-        values = frame.to_numpy(dtype=np.float64)
+        all_values, names = run.metric_array("param_grad_missing" if kind == "missing" else "param_grad_norm")
+        position = {p: i for i, p in enumerate(names)}
+        values = all_values[:, [position[p] for p in params]]
         blocked = values > 0 if kind == "missing" else values == 0
         starts = [F.last_sustained_start(blocked[:, j]) for j in range(blocked.shape[1])]
         known = [s for s in starts if s is not None]
