@@ -220,7 +220,9 @@ class Monitor:
         self._zero = torch.zeros((), device=self._device)
         self._input_sum: torch.Tensor | None = None  # NaN/Inf sentinels of this step's input batch and output
         self._output_sum: torch.Tensor | None = None
-        self._nan_parts = torch.full((stats.N_ACT_PARTS,), math.nan, device=self._device)
+        self._nan_parts = [torch.full((), math.nan, device=self._device)] * stats.N_ACT_PARTS
+        # each sampled step's row of the activation buffer, flat: all modules' parts in one stack
+        self._act_rows = [self._act_buf[k].view(-1) for k in range(act_rows)]
         self._single_device = all(p.device == self._device for p in layout.params)
         param_layer = np.asarray(layout.param_layer, dtype=np.int64)
         order = np.argsort(param_layer, kind="stable")
@@ -663,7 +665,7 @@ class Monitor:
     def _io_sentinels(self) -> list[torch.Tensor]:
         observed_input = self._observed.get(self._n_watched)
         if observed_input is not None:
-            input_sum = observed_input.parts[stats.PART_SUM]  # sampled: its statistics hold the sum
+            input_sum = observed_input.total  # sampled: its statistics hold the sum
         else:
             input_sum = self._input_sum if self._input_sum is not None else self._zero
         return [input_sum, self._output_sum if self._output_sum is not None else self._zero]
@@ -673,7 +675,7 @@ class Monitor:
         sampled step, from the ``check_outputs`` sentinels on the others. A module that did not run
         reads as finite (0)."""
         if self._observed:
-            sums = [o.parts[stats.PART_SUM] if (o := self._observed.get(i)) else self._zero for i in range(self._n_watched)]
+            sums = [o.total if (o := self._observed.get(i)) else self._zero for i in range(self._n_watched)]
         else:
             sums = [self._sentinel.get(i, self._zero) for i in range(self._n_watched)]
         if not self._single_device:
@@ -727,16 +729,19 @@ class Monitor:
         k = len(self._act_steps)
         if k >= self._act_buf.shape[0]:
             return
-        rows = []
+        stats.finish_units(list(self._observed.values()))
+        parts: list[torch.Tensor] = []
         for index in range(self._n_watched + 1):
             observed = self._observed.get(index)
             if observed is None:
-                rows.append(self._nan_parts)
+                parts += self._nan_parts
                 self._act_counts[k, index] = np.nan
             else:
-                rows.append(observed.parts)
+                parts += observed.finished()
                 self._act_counts[k, index] = (observed.n, observed.units, observed.saturation_denominator)
-        torch.stack(rows, out=self._act_buf[k])
+        if not self._single_device:
+            parts = [v.to(self._device) for v in parts]
+        torch.stack(parts, out=self._act_rows[k])  # every module's statistics of the step in one write
         self._act_steps.append(step)
 
     def _record_forward_order(self) -> None:

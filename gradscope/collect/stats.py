@@ -89,11 +89,22 @@ N_ACT_PARTS = 7
 class Observed:
     """One module's activation parts for the current step, with the host-known counts."""
 
-    parts: torch.Tensor  # (N_ACT_PARTS,) float32
+    # N_ACT_PARTS 0-d float32 tensors, stacked once per step for all modules. For a module with
+    # units, PART_SUMSQ and PART_ALIVE are None until finish_units() fills them from unit_sumsq.
+    parts: list[torch.Tensor | None]
     unit_sumsq: torch.Tensor  # (units,) float32 sum of squares per unit: 0 for a unit that never fired
     n: int  # elements
     units: int
     saturation_denominator: int  # elements or softmax rows; 0 when the activation is unbounded
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Σx: non-finite exactly when a value was (up to overflow), so it is the module's NaN sentinel."""
+        return _part(self.parts, PART_SUM)
+
+    def finished(self) -> list[torch.Tensor]:
+        """The parts in order, once :func:`finish_units` has filled them in."""
+        return [_part(self.parts, i) for i in range(N_ACT_PARTS)]
 
 
 class Scratch:
@@ -107,18 +118,26 @@ class Scratch:
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
+        self._views: dict[torch.Size, tuple[torch.Tensor, torch.Tensor]] = {}  # shape -> (shaped, flat) views
 
-    def like(self, x: torch.Tensor) -> torch.Tensor | None:
-        """A float32 buffer shaped like ``x`` (contents undefined), or None off the CPU."""
+    def like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Float32 views of the buffer shaped like ``x`` and flat (contents undefined), or None off
+        the CPU. The views are made once per shape: making them costs more than some reductions."""
         if x.device.type != "cpu":
             return None
-        n = x.numel()
-        if self._buffer is None or self._buffer.numel() < n:
-            self._buffer = torch.empty(n, dtype=torch.float32)
-        return self._buffer[:n].view(x.shape)
+        views = self._views.get(x.shape)
+        if views is None:
+            n = x.numel()
+            if self._buffer is None or self._buffer.numel() < n:
+                self._buffer = torch.empty(n, dtype=torch.float32)
+                self._views.clear()
+            flat = self._buffer[:n]
+            views = self._views[x.shape] = (flat.view(x.shape), flat)
+        return views
 
     def release(self) -> None:
         self._buffer = None
+        self._views.clear()
 
 
 def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True, scratch: Scratch | None = None) -> Observed:
@@ -130,19 +149,20 @@ def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True, scratch: Scra
     work = scratch.like(x) if scratch is not None else None
     low, high = torch.aminmax(flat)  # NaN propagates: a NaN activation shows as NaN min/max
     # 0 at zeros, ±1 elsewhere (NaN at NaN): its dot with itself counts the nonzeros
-    signs = torch.sign(flat, out=work.reshape(-1)) if work is not None else flat.sign()
+    signs = torch.sign(flat, out=work[1]) if work is not None else flat.sign()
     nonzero = torch.dot(signs, signs)  # before the work buffer is reused below
     zero = _zero(x.device)
+    sumsq: torch.Tensor | None
+    alive: torch.Tensor | None
     if units:
-        unit_sumsq = unit_sum_of_squares(x, work)
-        sumsq = unit_sumsq.sum()
-        alive = _count_alive(unit_sumsq)
+        unit_sumsq = unit_sum_of_squares(x, work[0] if work is not None else None)
+        sumsq = alive = None  # from unit_sumsq, for every module of the step at once (finish_units)
     else:
         unit_sumsq = _empty(x.device)
         sumsq = torch.dot(flat, flat)
         alive = zero
     saturated, denominator = _saturated(x, kind) if kind is not Bounded.NONE else (zero, 0)
-    parts = torch.stack([flat.sum(), sumsq, nonzero, saturated, low, high, alive])
+    parts = [flat.sum(), sumsq, nonzero, saturated, low, high, alive]
     return Observed(parts, unit_sumsq, x.numel(), int(unit_sumsq.numel()), denominator)
 
 
@@ -178,21 +198,45 @@ def _saturated(x: torch.Tensor, kind: Bounded) -> tuple[torch.Tensor, int]:
 
 def combine(a: Observed, b: Observed) -> Observed:
     """Two micro-batches of one optimizer step as one (rare path: gradient accumulation)."""
-    same_units = a.unit_sumsq.shape == b.unit_sumsq.shape
-    unit_sumsq = a.unit_sumsq + b.unit_sumsq if same_units else a.unit_sumsq
-    additive = a.parts + b.parts
-    parts = torch.stack(
-        [
-            additive[PART_SUM],
-            additive[PART_SUMSQ],
-            additive[PART_NONZERO],
-            additive[PART_SATURATED],
-            torch.minimum(a.parts[PART_MIN], b.parts[PART_MIN]),
-            torch.maximum(a.parts[PART_MAX], b.parts[PART_MAX]),
-            _count_alive(unit_sumsq) if same_units else torch.full((), math.nan, device=unit_sumsq.device),
-        ]
-    )
+    pa, pb = a.parts, b.parts
+
+    def add(i: int) -> torch.Tensor | None:
+        x, y = pa[i], pb[i]
+        return None if x is None or y is None else x + y
+
+    parts = [add(PART_SUM), add(PART_SUMSQ), add(PART_NONZERO), add(PART_SATURATED), None, None, add(PART_ALIVE)]
+    parts[PART_MIN] = torch.minimum(_part(pa, PART_MIN), _part(pb, PART_MIN))
+    parts[PART_MAX] = torch.maximum(_part(pa, PART_MAX), _part(pb, PART_MAX))
+    unit_sumsq = a.unit_sumsq
+    if a.unit_sumsq.shape == b.unit_sumsq.shape:
+        unit_sumsq = a.unit_sumsq + b.unit_sumsq  # Σx² per unit adds up; finish_units reads the total
+    else:  # the unit axis changed size between micro-batches: Σx² still adds up, liveness is unknown
+        total_a, total_b = pa[PART_SUMSQ], pb[PART_SUMSQ]
+        parts[PART_SUMSQ] = (a.unit_sumsq.sum() if total_a is None else total_a) + (b.unit_sumsq.sum() if total_b is None else total_b)
+        parts[PART_ALIVE] = torch.full((), math.nan, device=a.unit_sumsq.device)
     return Observed(parts, unit_sumsq, a.n + b.n, a.units, a.saturation_denominator + b.saturation_denominator)
+
+
+def _part(parts: list[torch.Tensor | None], i: int) -> torch.Tensor:
+    value = parts[i]
+    if value is None:
+        raise RuntimeError(f"activation part {i} is not computed yet: call finish_units() first")
+    return value
+
+
+def finish_units(observed: list[Observed]) -> None:
+    """Fill in Σx² and the count of live units of every module with units, from their per-unit
+    sums of squares: two batched norms for the whole step (L1 of the non-negative sums is their
+    total; L0 counts the nonzero ones, a NaN unit as alive) instead of three small ops per module."""
+    pending = [o for o in observed if o.parts[PART_SUMSQ] is None]
+    if not pending:
+        return
+    vectors = [o.unit_sumsq for o in pending]
+    totals = torch._foreach_norm(vectors, 1)
+    alive = torch._foreach_norm(vectors, 0)
+    for o, total, count in zip(pending, totals, alive, strict=True):
+        o.parts[PART_SUMSQ] = total
+        o.parts[PART_ALIVE] = count
 
 
 def finish_on_host(parts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -240,8 +284,3 @@ def unit_sum_of_squares(x: torch.Tensor, work: torch.Tensor | None = None) -> to
         return squares.sum(dim=other)
     norms: torch.Tensor = torch.linalg.vector_norm(x, 2, dim=other)  # one fused pass, no x-sized temporary
     return norms.square()
-
-
-def _count_alive(unit_sumsq: torch.Tensor) -> torch.Tensor:
-    # nonzero rather than > 0, so a NaN unit counts as alive: it is broken, not dead
-    return torch.count_nonzero(unit_sumsq).float()  # ~2.5× faster than (u != 0).sum(dtype=float32) on CPU
