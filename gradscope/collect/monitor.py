@@ -2,9 +2,9 @@
 
 The hot path (``step()`` and the hooks) only launches device work and appends to device buffers;
 values reach the host once per flush, in one copy. Per step that is: one batched
-``torch._foreach_norm`` over the gradients, one ``torch.stack`` and one copy into the step buffer,
-plus a single ``sum`` per watched module output (a NaN/Inf sentinel). Full activation statistics
-and ‖Δθ‖ run on their own cadences.
+``torch._foreach_norm`` over the gradients and one ``torch.stack`` into the step buffer, plus a
+``sum`` each of the input batch and the model's output (NaN/Inf sentinels). Full activation
+statistics, ‖Δθ‖ and live detection run on their own cadences (see docs/performance.md).
 """
 
 from __future__ import annotations
