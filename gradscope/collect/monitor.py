@@ -40,6 +40,9 @@ __all__ = ["Monitor", "OnFinding"]
 
 OnFinding = str | Callable[[Finding], Any] | None
 
+# The share of training time live detection may use (see Monitor's ``detect_every``).
+LIVE_DETECTION_SHARE = 0.01
+
 
 class _LiveAction(enum.Enum):
     WARN = "warn"
@@ -250,7 +253,7 @@ class Monitor:
         self._live_seen: dict[str, int] = {}  # code -> highest severity rank reported live
         self._live_findings: list[Finding] = []
         self._last_detect = 0
-        self._detect_wait_steps = 0  # steps until the next live detection may run (budget)
+        self._detect_cost: float | None = None  # seconds the last live detection took
         self._step_clock: list[float] = []  # perf_counter() at each step() since the last flush, and one before
         self._step_seconds = 0.0  # median time per training step, measured over the last flush
         self._nonfinite_flushed = False  # a flush already held NaN/Inf in the loss or gradients
@@ -632,7 +635,9 @@ class Monitor:
         if loss is not None and not self._loss_given:
             self._loss_given = True  # tells a NaN loss apart from "no loss passed to step()"
             self._writer.set_meta({"loss_given": True})
-        self._host_modules_checked[row] = bool(self._module_handles)
+        # the watched modules' sentinels were written for this step (a sampled step or check_outputs,
+        # with a training forward since the last step): otherwise their columns are "not checked"
+        self._host_modules_checked[row] = bool(self._observed or self._sentinel)
         self._sentinel.clear()
         self._observed.clear()
         self._input_sum = self._output_sum = None
@@ -932,7 +937,13 @@ class Monitor:
     def _detection_due(self, step: int, nonfinite: bool) -> bool:
         if self.detect_every is not None:
             return step - self._last_detect >= self.detect_every
-        return nonfinite or step - self._last_detect >= self._detect_wait_steps
+        if nonfinite or self._detect_cost is None:
+            return True
+        # Budget: detection may use LIVE_DETECTION_SHARE of training time (1%), so it runs again once
+        # the steps trained since its last run took 99× its cost. Re-evaluated at every flush with
+        # the current step time.
+        wait = (1 - LIVE_DETECTION_SHARE) / LIVE_DETECTION_SHARE * self._detect_cost
+        return (step - self._last_detect) * self._step_seconds >= wait
 
     def _detect_live(self) -> None:
         from gradscope.detect.registry import diagnose_live
@@ -949,10 +960,7 @@ class Monitor:
         try:
             self._report_live(diagnose_live(run, select=self._select, ignore=self._ignore))
         finally:
-            # Budget: detection may use 1% of training time, so the next run waits for as many steps
-            # as take 99× this one's cost.
-            cost = time.perf_counter() - started
-            self._detect_wait_steps = math.ceil(99 * cost / max(self._step_seconds, 1e-6))
+            self._detect_cost = time.perf_counter() - started
 
     def _report_live(self, findings: Iterable[Finding]) -> None:
         for finding in findings:

@@ -197,24 +197,35 @@ def _saturated(x: torch.Tensor, kind: Bounded) -> tuple[torch.Tensor, int]:
 
 
 def combine(a: Observed, b: Observed) -> Observed:
-    """Two micro-batches of one optimizer step as one (rare path: gradient accumulation)."""
+    """Two forwards of one module in one optimizer step as one (rare path: gradient accumulation,
+    or a module called more than once per forward)."""
     pa, pb = a.parts, b.parts
-
-    def add(i: int) -> torch.Tensor | None:
-        x, y = pa[i], pb[i]
-        return None if x is None or y is None else x + y
-
-    parts = [add(PART_SUM), add(PART_SUMSQ), add(PART_NONZERO), add(PART_SATURATED), None, None, add(PART_ALIVE)]
-    parts[PART_MIN] = torch.minimum(_part(pa, PART_MIN), _part(pb, PART_MIN))
-    parts[PART_MAX] = torch.maximum(_part(pa, PART_MAX), _part(pb, PART_MAX))
-    unit_sumsq = a.unit_sumsq
-    if a.unit_sumsq.shape == b.unit_sumsq.shape:
+    parts: list[torch.Tensor | None] = [
+        _part(pa, PART_SUM) + _part(pb, PART_SUM),
+        None,
+        _part(pa, PART_NONZERO) + _part(pb, PART_NONZERO),
+        _part(pa, PART_SATURATED) + _part(pb, PART_SATURATED),
+        torch.minimum(_part(pa, PART_MIN), _part(pb, PART_MIN)),
+        torch.maximum(_part(pa, PART_MAX), _part(pb, PART_MAX)),
+        None,
+    ]
+    same_units = a.unit_sumsq.shape == b.unit_sumsq.shape
+    deferred = pa[PART_SUMSQ] is None and pb[PART_SUMSQ] is None
+    if same_units and deferred:
         unit_sumsq = a.unit_sumsq + b.unit_sumsq  # Σx² per unit adds up; finish_units reads the total
-    else:  # the unit axis changed size between micro-batches: Σx² still adds up, liveness is unknown
-        total_a, total_b = pa[PART_SUMSQ], pb[PART_SUMSQ]
-        parts[PART_SUMSQ] = (a.unit_sumsq.sum() if total_a is None else total_a) + (b.unit_sumsq.sum() if total_b is None else total_b)
-        parts[PART_ALIVE] = torch.full((), math.nan, device=a.unit_sumsq.device)
+    else:
+        unit_sumsq = a.unit_sumsq
+        parts[PART_SUMSQ] = _sumsq(a) + _sumsq(b)
+        if not a.units and not b.units:  # the input batch: no units, nothing to count
+            parts[PART_ALIVE] = _part(pa, PART_ALIVE) + _part(pb, PART_ALIVE)
+        else:  # the unit axis changed size within the step: which units fired is unknown
+            parts[PART_ALIVE] = torch.full((), math.nan, device=a.unit_sumsq.device)
     return Observed(parts, unit_sumsq, a.n + b.n, a.units, a.saturation_denominator + b.saturation_denominator)
+
+
+def _sumsq(o: Observed) -> torch.Tensor:
+    total = o.parts[PART_SUMSQ]
+    return o.unit_sumsq.sum() if total is None else total
 
 
 def _part(parts: list[torch.Tensor | None], i: int) -> torch.Tensor:

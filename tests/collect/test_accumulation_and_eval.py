@@ -91,3 +91,56 @@ def test_evaluation_forwards_are_not_training_statistics(cases: Any, quiet: dict
     for metric in (*ACTIVATION_METRICS, "output_nonfinite", "grad_norm", "update_norm", "loss"):
         np.testing.assert_array_equal(with_eval.metric(metric).to_numpy(), plain.metric(metric).to_numpy(), err_msg=metric)
     assert with_eval.metric("act_max_abs").max().max() < 100
+
+
+class _SharedActivation(torch.nn.Module):
+    """One ReLU module called three times per forward, at widths 64, 32 and 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(16, 64), torch.nn.Linear(64, 32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 1))
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(self.act(self.c(self.act(self.b(self.act(self.a(x)))))))
+
+
+def test_a_module_called_at_changing_widths_keeps_every_call_in_its_statistics(quiet: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = _SharedActivation()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    outputs: list[torch.Tensor] = []
+    model.act.register_forward_hook(lambda m, args, out: outputs.append(out.detach()))
+    with gradscope.Monitor(model, opt, activation_every=1, **quiet) as mon:
+        loss = model(torch.randn(32, 16)).pow(2).mean()
+        loss.backward()
+        mon.step(loss)
+        run = mon.run
+    values = torch.cat([o.reshape(-1) for o in outputs]).double()
+    assert run.metric("act_std")["act"].iloc[0] == pytest.approx(float(values.std(correction=0)), rel=1e-4)
+    assert run.metric("act_mean")["act"].iloc[0] == pytest.approx(float(values.mean()), rel=1e-4)
+    assert np.isnan(run.metric("act_dead_frac")["act"].iloc[0])  # units changed size: liveness unknown
+
+
+@pytest.mark.parametrize("options", [{"check_outputs": True}, {"activation_every": 1}], ids=["check_outputs", "sampled"])
+def test_a_step_without_a_training_forward_reads_as_not_checked(options: dict[str, Any], quiet: dict[str, Any]) -> None:
+    """step() after an evaluation-only forward: the modules were not checked, which is not NaN/Inf."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.Monitor(model, opt, **options, **quiet) as mon:
+        for step in range(4):
+            opt.zero_grad()
+            if step == 2:
+                with torch.no_grad():
+                    loss = model(torch.randn(16, 4)).pow(2).mean()
+            else:
+                loss = model(torch.randn(16, 4)).pow(2).mean()
+                loss.backward()
+            mon.step(loss)
+            opt.step()
+        run = mon.run
+    flags = run.metric("output_nonfinite")[["0", "1", "2"]]
+    assert flags.loc[2].isna().all()
+    assert (flags.drop(index=2) == 0).all().all()
+    assert [f for f in gradscope.diagnose(run) if f.code == "nonfinite"] == []

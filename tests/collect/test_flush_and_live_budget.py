@@ -16,6 +16,7 @@ from torch import nn
 
 import gradscope
 from gradscope import Finding
+from gradscope.collect import monitor as monitor_module
 from gradscope.detect import registry
 from gradscope.errors import InvalidInputError
 
@@ -103,3 +104,19 @@ def test_the_first_nan_is_checked_at_the_next_write_whatever_the_budget(slow_det
             _step(model, opt, mon, nan=step >= 33)
         assert slow_detection == [10, 40]  # the budget alone would allow no second run
     assert [f.code for f in seen] == ["nonfinite"] and seen[0].step == 33
+
+
+def test_an_early_write_after_one_step_does_not_stall_live_detection(
+    slow_detection: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write right after step 0 (user code reading ``monitor.run``) has no step time yet: the
+    budget is re-read at every write with the current step time, so detection still comes back."""
+    monkeypatch.setattr(monitor_module, "LIVE_DETECTION_SHARE", 0.5)  # wait 1× the cost, to keep the test short
+    model, opt = _model()
+    with gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=50, on_finding=lambda f: None) as mon:
+        _step(model, opt, mon)
+        mon.flush()
+        for _ in range(600):
+            _step(model, opt, mon)
+        # ~20-40 ms of detection at ~0.3-1 ms a step: another run every ~100 steps at this share
+        assert len(slow_detection) >= 3
