@@ -131,6 +131,8 @@ class Scratch:
             if self._buffer is None or self._buffer.numel() < n:
                 self._buffer = torch.empty(n, dtype=torch.float32)
                 self._views.clear()
+            elif len(self._views) >= 256:  # shapes that vary (sequence lengths): keep the cache small
+                self._views.clear()
             flat = self._buffer[:n]
             views = self._views[x.shape] = (flat.view(x.shape), flat)
         return views
