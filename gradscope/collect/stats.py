@@ -147,11 +147,14 @@ def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True, scratch: Scra
     per-unit liveness is not computed: it is the largest tensor and "dead inputs" are not a fault)."""
     if x.dtype != torch.float32:
         x = x.float()  # statistics in float32 whatever the activation dtype (bf16/fp16 overflow early)
-    flat = x.reshape(-1)
     work = scratch.like(x) if scratch is not None else None
-    low, high = torch.aminmax(flat)  # NaN propagates: a NaN activation shows as NaN min/max
+    low, high = torch.aminmax(x)  # NaN propagates: a NaN activation shows as NaN min/max
     # 0 at zeros, ±1 elsewhere (NaN at NaN): its dot with itself counts the nonzeros
-    signs = torch.sign(flat, out=work[1]) if work is not None else flat.sign()
+    if work is not None:
+        torch.sign(x, out=work[0])
+        signs = work[1]  # the same values, flat: no reshape of x needed
+    else:
+        signs = x.reshape(-1).sign()
     nonzero = torch.dot(signs, signs)  # before the work buffer is reused below
     zero = _zero(x.device)
     sumsq: torch.Tensor | None
@@ -161,10 +164,11 @@ def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True, scratch: Scra
         sumsq = alive = None  # from unit_sumsq, for every module of the step at once (finish_units)
     else:
         unit_sumsq = _empty(x.device)
+        flat = x.reshape(-1)
         sumsq = torch.dot(flat, flat)
         alive = zero
     saturated, denominator = _saturated(x, kind) if kind is not Bounded.NONE else (zero, 0)
-    parts = [flat.sum(), sumsq, nonzero, saturated, low, high, alive]
+    parts = [x.sum(), sumsq, nonzero, saturated, low, high, alive]
     return Observed(parts, unit_sumsq, x.numel(), int(unit_sumsq.numel()), denominator)
 
 
