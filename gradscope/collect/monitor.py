@@ -624,8 +624,8 @@ class Monitor:
                 self._record_loss_and_outputs(row, loss)  # gradients come, unscaled, from optimizer.step()
             else:
                 self._record_loss_gradients_and_outputs(row, loss)
-            if self._observed:
-                self._finish_activations(step)
+            if self._observed and not self._finish_activations(step):
+                self._record_watched_sentinels(row)  # no room left for the statistics: the sums alone
         if self._optimizer is not None:
             self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
         if self._optimizer is None and self.update_every and step % self.update_every == 0:
@@ -655,7 +655,7 @@ class Monitor:
         if not self._single_device:
             values = [v.to(self._device) for v in values]
         torch.stack(values, out=self._step_rows[row])  # the step's one device write
-        if self._observed or self._sentinel:
+        if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
 
     def _record_loss_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
@@ -664,7 +664,7 @@ class Monitor:
         if not self._single_device:
             values = [v.to(self._device) for v in values]
         torch.stack(values, out=self._buf[row, self._c_io : self._c_watched])
-        if self._observed or self._sentinel:
+        if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
 
     def _io_sentinels(self) -> list[torch.Tensor]:
@@ -676,9 +676,9 @@ class Monitor:
         return [input_sum, self._output_sum if self._output_sum is not None else self._zero]
 
     def _record_watched_sentinels(self, row: int) -> None:
-        """Each watched module's output sum, on the steps that check them: from its statistics on a
-        sampled step, from the ``check_outputs`` sentinels on the others. A module that did not run
-        reads as finite (0)."""
+        """Each watched module's output sum on a ``check_outputs`` step that is not sampled. (On a
+        sampled step the sums are part of the activation statistics, and the flush copies them
+        over on the host: see _fill_sampled_sentinels.) A module that did not run reads as finite (0)."""
         if self._observed:
             sums = [o.total if (o := self._observed.get(i)) else self._zero for i in range(self._n_watched)]
         else:
@@ -730,10 +730,11 @@ class Monitor:
         if self.update_every and last >= 0 and last % self.update_every == 0:
             self._measure_update(last)
 
-    def _finish_activations(self, step: int) -> None:
+    def _finish_activations(self, step: int) -> bool:
+        """Write the step's activation statistics; False when the buffer has no row left."""
         k = len(self._act_steps)
         if k >= self._act_buf.shape[0]:
-            return
+            return False
         stats.finish_units(list(self._observed.values()))
         parts: list[torch.Tensor] = []
         for index in range(self._n_watched + 1):
@@ -748,6 +749,18 @@ class Monitor:
             parts = [v.to(self._device) for v in parts]
         torch.stack(parts, out=self._act_rows[k])  # every module's statistics of the step in one write
         self._act_steps.append(step)
+        return True
+
+    def _fill_sampled_sentinels(self, steps: np.ndarray, parts: np.ndarray, counts: np.ndarray) -> None:
+        """On the host, at flush: each sampled step's watched-module sentinels are their output sums,
+        already in the activation statistics, so the step does not write them on the device.
+        ``steps`` is ``(..., n, cols)``, ``parts`` ``(..., k, watched+1, parts)``, ``counts`` alike."""
+        if not self._act_steps or not self._n_watched:
+            return
+        rows = np.asarray(self._act_steps) - self._base
+        sums = parts[..., : self._n_watched, stats.PART_SUM].copy()
+        sums[np.isnan(counts[..., : self._n_watched, 0])] = 0.0  # did not run on that step: finite
+        steps[..., rows, self._c_watched : self._c_pnorm] = sums
 
     def _record_forward_order(self) -> None:
         names = self._layout.watched_names
@@ -778,6 +791,7 @@ class Monitor:
         if self._dist is None:
             host = self._buf[:n].cpu().numpy().astype(np.float64)  # the one device-to-host copy
             parts = self._act_buf[:k].cpu().numpy().astype(np.float64)  # (k, watched+1, parts)
+            self._fill_sampled_sentinels(host, parts, counts)
             per_rank = None
         else:
             host, parts, counts, per_rank = self._combine_ranks(n, k)
@@ -821,6 +835,7 @@ class Monitor:
         steps_np = steps.cpu().numpy().astype(np.float64)  # (world, n, cols)
         acts_np = acts.cpu().numpy().astype(np.float64)  # (world, k, watched+1, parts)
         counts_np = act_counts.cpu().numpy().astype(np.float64)
+        self._fill_sampled_sentinels(steps_np, acts_np, counts_np)  # per rank, before ranks are compared
         with np.errstate(invalid="ignore"):
             host = steps_np.mean(axis=0)  # gradients, weights, updates: equal on every rank under DDP
             cols = self._sentinel_cols
