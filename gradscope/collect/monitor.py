@@ -237,7 +237,7 @@ class Monitor:
         self._snapshot_valid = False
 
         self._step = 0  # the next step to record
-        self._flush_deadline = time.perf_counter() + (self.flush_seconds if self.flush_seconds is not None else math.inf)
+        self._flush_deadline = self._next_flush_deadline()
         self._base = 0  # first step held in the buffers
         # A training forward ran since the last step(): the gradients an optimizer.step() now applies
         # are not recorded yet (step() comes after it). Set by the forward hooks, cleared by step().
@@ -604,10 +604,7 @@ class Monitor:
             tensors = [*self._param_tensors, *self._snapshot]
             if self._complex_params:
                 tensors = [_real(t) for t in tensors]
-            norms = list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-            if not self._single_device:
-                norms = [v.to(self._device) for v in norms]
-            torch.stack(norms, out=self._buf[row, self._c_pnorm :])
+            self._write(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)), self._buf[row, self._c_pnorm :])
         self._snapshot_valid = False
 
     def _record_step(self, loss: torch.Tensor | float | None) -> None:
@@ -652,20 +649,24 @@ class Monitor:
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._io_sentinels()]
-        if not self._single_device:
-            values = [v.to(self._device) for v in values]
-        torch.stack(values, out=self._step_rows[row])  # the step's one device write
+        self._write(values, self._step_rows[row])  # the step's one device write
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
 
     def _record_loss_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         self._buf[row, 0].copy_(self._loss_tensor(loss))
-        values = self._io_sentinels()
-        if not self._single_device:
-            values = [v.to(self._device) for v in values]
-        torch.stack(values, out=self._buf[row, self._c_io : self._c_watched])
+        self._write(self._io_sentinels(), self._buf[row, self._c_io : self._c_watched])
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
+
+    def _write(self, values: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Stack 0-d values into a slice of a device buffer: one write, whatever device each value
+        was computed on (parameters can be spread over devices)."""
+        if not values:
+            return
+        if not self._single_device:
+            values = [v.to(self._device) for v in values]
+        torch.stack(values, out=out)
 
     def _io_sentinels(self) -> list[torch.Tensor]:
         observed_input = self._observed.get(self._n_watched)
@@ -676,26 +677,20 @@ class Monitor:
         return [input_sum, self._output_sum if self._output_sum is not None else self._zero]
 
     def _record_watched_sentinels(self, row: int) -> None:
-        """Each watched module's output sum on a ``check_outputs`` step that is not sampled. (On a
-        sampled step the sums are part of the activation statistics, and the flush copies them
-        over on the host: see _fill_sampled_sentinels.) A module that did not run reads as finite (0)."""
+        """Each watched module's output sum, written on the device: on a ``check_outputs`` step that
+        is not sampled, and on a sampled step whose statistics found no buffer row left. (Otherwise a
+        sampled step's sums are part of its activation statistics, and the flush copies them over on
+        the host: see _fill_sampled_sentinels.) A module that did not run reads as finite (0)."""
         if self._observed:
             sums = [o.total if (o := self._observed.get(i)) else self._zero for i in range(self._n_watched)]
         else:
             sums = [self._sentinel.get(i, self._zero) for i in range(self._n_watched)]
-        if not self._single_device:
-            sums = [v.to(self._device) for v in sums]
-        if sums:
-            torch.stack(sums, out=self._buf[row, self._c_watched : self._c_pnorm])
+        self._write(sums, self._buf[row, self._c_watched : self._c_pnorm])
 
     def _record_gradients_at(self, row: int) -> None:
         """Gradient norms read inside optimizer.step() (with a GradScaler: after it unscaled them)."""
         with torch.no_grad():
-            norms = self._gradient_norms(row)
-            if not self._single_device:
-                norms = [n.to(self._device) for n in norms]
-            if norms:
-                torch.stack(norms, out=self._buf[row, self._c_grad : self._c_io])
+            self._write(self._gradient_norms(row), self._buf[row, self._c_grad : self._c_io])
 
     def _gradient_norms(self, row: int) -> list[torch.Tensor]:
         """Each tracked parameter's gradient norm; 0 where it has no gradient, marked in ``_host_missing``."""
@@ -745,9 +740,7 @@ class Monitor:
             else:
                 parts += observed.finished()
                 self._act_counts[k, index] = (observed.n, observed.units, observed.saturation_denominator)
-        if not self._single_device:
-            parts = [v.to(self._device) for v in parts]
-        torch.stack(parts, out=self._act_rows[k])  # every module's statistics of the step in one write
+        self._write(parts, self._act_rows[k])  # every module's statistics of the step in one write
         self._act_steps.append(step)
         return True
 
@@ -821,7 +814,7 @@ class Monitor:
         self._host_modules_checked[0] = self._host_modules_checked[n]
         self._host_modules_checked[1:] = False
         self._base = upto
-        self._flush_deadline = time.perf_counter() + (self.flush_seconds if self.flush_seconds is not None else math.inf)
+        self._flush_deadline = self._next_flush_deadline()
         self._time_steps()
         live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
         if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host)):
@@ -919,6 +912,9 @@ class Monitor:
         )
 
     # ------------------------------------------------------------------ live detection
+
+    def _next_flush_deadline(self) -> float:
+        return time.perf_counter() + (self.flush_seconds if self.flush_seconds is not None else math.inf)
 
     def _time_steps(self) -> None:
         """The median time between step() calls over the last flush: the training loop's own pace,

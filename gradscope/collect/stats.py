@@ -156,14 +156,14 @@ def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True, scratch: Scra
     else:
         signs = x.reshape(-1).sign()
     nonzero = torch.dot(signs, signs)  # before the work buffer is reused below
-    zero = _zero(x.device)
+    zero = _zeros(x.device)
     sumsq: torch.Tensor | None
     alive: torch.Tensor | None
     if units:
         unit_sumsq = unit_sum_of_squares(x, work[0] if work is not None else None)
         sumsq = alive = None  # from unit_sumsq, for every module of the step at once (finish_units)
     else:
-        unit_sumsq = _empty(x.device)
+        unit_sumsq = _zeros(x.device, 0)
         flat = x.reshape(-1)
         sumsq = torch.dot(flat, flat)
         alive = zero
@@ -172,25 +172,17 @@ def observe(x: torch.Tensor, kind: Bounded, *, units: bool = True, scratch: Scra
     return Observed(parts, unit_sumsq, x.numel(), int(unit_sumsq.numel()), denominator)
 
 
-_ZEROS: dict[torch.device, torch.Tensor] = {}
+_ZEROS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def _zero(device: torch.device) -> torch.Tensor:
-    """A cached 0-d zero on ``device`` (read only): a placeholder part without an allocation per module."""
-    zero = _ZEROS.get(device)
-    if zero is None:
-        zero = _ZEROS[device] = torch.zeros((), device=device)
-    return zero
-
-
-_EMPTY: dict[torch.device, torch.Tensor] = {}
-
-
-def _empty(device: torch.device) -> torch.Tensor:
-    empty = _EMPTY.get(device)
-    if empty is None:
-        empty = _EMPTY[device] = torch.zeros(0, device=device)
-    return empty
+def _zeros(device: torch.device, size: int | None = None) -> torch.Tensor:
+    """Cached zeros on ``device`` (read only): a 0-d zero, or an empty vector for ``size=0``. They
+    stand in for parts a module does not have, without an allocation per module."""
+    key = (device, -1 if size is None else size)
+    zeros = _ZEROS.get(key)
+    if zeros is None:
+        zeros = _ZEROS[key] = torch.zeros(() if size is None else size, device=device)
+    return zeros
 
 
 def _saturated(x: torch.Tensor, kind: Bounded) -> tuple[torch.Tensor, int]:
