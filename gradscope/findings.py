@@ -129,7 +129,7 @@ class Finding:
             "last_step": self.last_step,
             "layers": list(self.layers),
             "message": self.message,
-            "evidence": {k: _json_number(v) for k, v in self.evidence.items()},
+            "evidence": {k: json_number(v) for k, v in self.evidence.items()},
             "fixes": [f.to_dict() for f in self.fixes],
         }
 
@@ -152,7 +152,9 @@ class Finding:
         return f"{self.severity.value}: {self.code} at {where}{layers}: {self.message}"
 
 
-def _json_number(value: float) -> float | int | str:
+def json_number(value: float) -> float | int | str:
+    """A number as strict JSON allows it: NaN and ±Inf become the strings "nan", "inf", "-inf";
+    booleans become 0/1; ints stay ints."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from gradscope.errors import GradscopeError, InvalidInputError, UnsupportedSetupError
-from gradscope.findings import Finding, Fix, FixKind, Severity, sort_findings
+from gradscope.findings import Finding, Fix, FixKind, Severity, json_number, sort_findings
 
 __all__ = ["CHECKS", "PreflightResult", "main", "preflight"]
 
@@ -155,7 +155,7 @@ class PreflightResult:
             "findings": [f.to_dict() for f in self.findings],
             "passed": list(self.passed),
             "skipped": dict(self.skipped),
-            "measurements": {k: _json_number(v) for k, v in self.measurements.items()},
+            "measurements": {k: json_number(float(v)) for k, v in self.measurements.items()},  # counts as floats too
         }
 
     def __str__(self) -> str:
@@ -1041,15 +1041,6 @@ def _names(params: list[str], limit: int = 4) -> str:
     shown = ", ".join(f"`{p}`" for p in params[:limit])
     more = f" and {len(params) - limit} more" if len(params) > limit else ""
     return f"{len(params)} parameter{'s' if len(params) != 1 else ''} ({shown}{more})"
-
-
-def _json_number(value: float) -> float | str:
-    value = float(value)
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- command line
