@@ -3,8 +3,9 @@
 The hot path (``step()`` and the hooks) only launches device work and appends to device buffers;
 values reach the host once per flush, in one copy. Per step that is: one batched
 ``torch._foreach_norm`` over the gradients and one ``torch.stack`` into the step buffer, plus a
-``sum`` each of the input batch and the model's output (NaN/Inf sentinels). Full activation
-statistics, ‖Δθ‖ and live detection run on their own cadences (see docs/performance.md).
+``sum`` each of the input batch and the model's output (NaN/Inf sentinels; on CPU only when the
+step's loss is not finite). Full activation statistics, ‖Δθ‖ and live detection run on their own
+cadences (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -82,11 +83,15 @@ class Monitor:
         update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). 25 by default: the
             update/weight ratio drifts slowly, and each measurement copies every parameter and reads
             it three more times. Holds one copy of the parameters in memory.
-        check_outputs: look for NaN/Inf in every watched module's output on every step (one
-            ``sum`` per module, an extra read of every activation), so a non-finite value can be
-            traced to the exact module that made it. Off by default: the input batch and the
-            model's output are checked every step and every module on sampled steps, which tells
-            bad data from a bad loss from a bad model at a fraction of the cost.
+        check_outputs: look for NaN/Inf in every watched module's output, the input batch and the
+            model's output on every step (one ``sum`` each, an extra read of every activation), so
+            a non-finite value can be traced to the exact module that made it. Off by default:
+            every module is checked on sampled steps, and the input batch and the model's output
+            on every step whose loss is not finite (or not given), which tells bad data from a bad
+            loss from a bad model at a fraction of the cost. (On an accelerator they are checked on
+            every step: reading the loss there would wait for the device. On CPU, a NaN in the
+            input or output that leaves the loss finite, say in masked positions, shows on sampled
+            steps only.)
         on_finding: what live detection does with a new finding: ``"warn"`` (a Python warning),
             ``"raise"`` (raise :class:`gradscope.TrainingFailure` on the first error), a callable
             taking the :class:`Finding`, or ``None`` (no live detection).
@@ -210,6 +215,7 @@ class Monitor:
         self._host_lr: list[list[Any]] = []
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
         self._host_modules_checked = np.zeros(rows, dtype=bool)  # module outputs were checked on that step
+        self._io_unchecked: list[int] = []  # rows whose input batch and output were not checked
         # Activation statistics: one row per sampled step, watched modules + input.
         act_rows = self.flush_every // max(self.activation_every, 1) + 2
         self._act_buf = torch.full((act_rows, n_watched + 1, stats.N_ACT_PARTS), math.nan, device=self._device)
@@ -221,8 +227,15 @@ class Monitor:
         self._sentinel: dict[int, torch.Tensor] = {}  # watched module -> output sum (check_outputs only)
         self._call_order: list[int] = []
         self._zero = torch.zeros((), device=self._device)
-        self._input_sum: torch.Tensor | None = None  # NaN/Inf sentinels of this step's input batch and output
-        self._output_sum: torch.Tensor | None = None
+        self._io_sums: dict[str, torch.Tensor] = {}  # NaN/Inf sentinels of this step's input batch and output
+        # On CPU a value is read without waiting for a device, so the input batch and the output are
+        # summed only when the step's loss turns out non-finite (or is not given): the forward keeps
+        # them (detached, until step()) instead of summing them, ~3% of a 0.6 ms step. A step with a
+        # finite loss stores them as "not checked"; sampled steps check them always. On an
+        # accelerator the sums are queued every step, as reading the loss there would wait for it.
+        self._io_on_demand = self._device.type == "cpu" and not self.check_outputs and self._dist is None
+        self._held_input: torch.Tensor | None = None
+        self._held_output: torch.Tensor | None = None
         self._nan_parts = [torch.full((), math.nan, device=self._device)] * stats.N_ACT_PARTS
         # each sampled step's row of the activation buffer, flat: all modules' parts in one stack
         self._act_rows = [self._act_buf[k].view(-1) for k in range(act_rows)]
@@ -359,6 +372,7 @@ class Monitor:
             self._layout.params = []
             self._layout.watched_modules = []
             self._snapshot = None
+            self._held_input = self._held_output = None
             self._scratch.release()
             _open_monitors.discard(self)
 
@@ -512,23 +526,43 @@ class Monitor:
         if not torch.is_grad_enabled():
             return  # evaluation forwards are not training statistics
         self._forward_since_step = True
-        if schema.INPUT_LAYER not in self._failed_hooks:
+        x = args[0] if args and type(args[0]) is torch.Tensor else stats.first_tensor(args)
+        y = output if type(output) is torch.Tensor else stats.first_tensor(output)
+        if self._io_on_demand and not self._sampling and self._held_input is None and self._held_output is None:
+            # The common case, on every training forward: keep both for step() to check if needed.
+            self._held_input = x.detach() if x is not None and x.requires_grad else x
+            self._held_output = y.detach() if y is not None else None  # holds no autograd graph
+            return
+        if self._held_input is not None or self._held_output is not None:
+            self._sum_held()  # a second forward before step() (gradient accumulation)
+        if self._sampling and x is not None and schema.INPUT_LAYER not in self._failed_hooks:
             try:
-                x = args[0] if args and type(args[0]) is torch.Tensor else stats.first_tensor(args)
-                if x is not None and stats.is_measurable(x):
-                    if self._sampling:
-                        self._observe(self._n_watched, x)  # its sum is the sentinel
-                    else:
-                        self._input_sum = _add_sum(self._input_sum, x)
+                self._observe(self._n_watched, x)  # its sum is the sentinel
             except Exception as e:
                 self._hook_failed(schema.INPUT_LAYER, e)
-        if schema.OUTPUT_LAYER not in self._failed_hooks:
-            try:
-                y = output if type(output) is torch.Tensor else stats.first_tensor(output)
-                if y is not None and stats.is_measurable(y):
-                    self._output_sum = _add_sum(self._output_sum, y)
-            except Exception as e:
-                self._hook_failed(schema.OUTPUT_LAYER, e)
+        elif x is not None:
+            self._add_io_sum(schema.INPUT_LAYER, x)
+        if y is not None:
+            self._add_io_sum(schema.OUTPUT_LAYER, y)
+
+    def _sum_held(self) -> None:
+        """Add the kept input batch and output to the step's sentinels, and let them go."""
+        x, y = self._held_input, self._held_output
+        self._held_input = self._held_output = None
+        if x is not None:
+            self._add_io_sum(schema.INPUT_LAYER, x)
+        if y is not None:
+            self._add_io_sum(schema.OUTPUT_LAYER, y)
+
+    def _add_io_sum(self, layer: str, t: torch.Tensor) -> None:
+        """Add ``t`` to the NaN/Inf sentinel of the input batch or the model output (``layer``)."""
+        if layer in self._failed_hooks:
+            return
+        try:
+            if _summable(t):
+                self._io_sums[layer] = _add_sum(self._io_sums.get(layer), t)
+        except Exception as e:
+            self._hook_failed(layer, e)
 
     def _observe(self, index: int, x: torch.Tensor | None) -> None:
         """A watched module's output (or, at ``index == n_watched``, the input batch): full
@@ -616,46 +650,55 @@ class Monitor:
         if step - self._base >= self.flush_every or (step > self._base and now >= self._flush_deadline):
             self._flush(upto=step)
         row = step - self._base
-        with torch.no_grad():
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() at a fifth of its cost, on every step
+        try:
             if self._grad_scaler is not None:
                 self._record_loss_and_outputs(row, loss)  # gradients come, unscaled, from optimizer.step()
             else:
                 self._record_loss_gradients_and_outputs(row, loss)
             if self._observed and not self._finish_activations(step):
                 self._record_watched_sentinels(row)  # no room left for the statistics: the sums alone
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
         if self._optimizer is not None:
             self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
-        if self._optimizer is None and self.update_every and step % self.update_every == 0:
-            self._take_snapshot()
         if step == 0:
             self._record_forward_order()
-        if loss is not None and not self._loss_given:
+        if not self._loss_given and loss is not None:
             self._loss_given = True  # tells a NaN loss apart from "no loss passed to step()"
             self._writer.set_meta({"loss_given": True})
-        # the watched modules' sentinels were written for this step (a sampled step or check_outputs,
-        # with a training forward since the last step): otherwise their columns are "not checked"
-        self._host_modules_checked[row] = bool(self._observed or self._sentinel)
-        self._sentinel.clear()
-        self._observed.clear()
-        self._input_sum = self._output_sum = None
-        self._step += 1
+        if self._observed or self._sentinel:
+            # the watched modules' sentinels were written for this step (a sampled step, or
+            # check_outputs with a training forward since the last step); else they read "not checked"
+            self._host_modules_checked[row] = True
+            self._sentinel.clear()
+            self._observed.clear()
+        self._held_input = self._held_output = None
+        if self._io_sums:
+            self._io_sums.clear()
+        self._step = step = step + 1
         self._forward_since_step = False
-        self._sampling = self.activation_every > 0 and self._step % self.activation_every == 0
+        self._sampling = self.activation_every > 0 and step % self.activation_every == 0
         if self.check_outputs or self._sampling:
             self._attach_module_hooks()
-        else:
+        elif self._module_handles:
             self._detach_module_hooks()
-        self._update_optimizer_hooks()
+        k = self.update_every
+        if k and self._grad_scaler is None and step % k <= 2:
+            self._update_optimizer_hooks()  # they change only at the first and third step of a cycle
+        if self._optimizer is None and self.update_every and (step - 1) % self.update_every == 0:
+            self._take_snapshot()  # the update of the step just recorded happens after step()
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
-        values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._io_sentinels()]
+        values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._io_sentinels(row, loss)]
         self._write(values, self._step_rows[row])  # the step's one device write
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
 
     def _record_loss_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         self._buf[row, 0].copy_(self._loss_tensor(loss))
-        self._write(self._io_sentinels(), self._buf[row, self._c_io : self._c_watched])
+        self._write(self._io_sentinels(row, loss), self._buf[row, self._c_io : self._c_watched])
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
 
@@ -668,13 +711,22 @@ class Monitor:
             values = [v.to(self._device) for v in values]
         torch.stack(values, out=out)
 
-    def _io_sentinels(self) -> list[torch.Tensor]:
+    def _io_sentinels(self, row: int, loss: torch.Tensor | float | None) -> list[torch.Tensor]:
+        """The NaN/Inf sentinels (sums) of the step's input batch and model output."""
+        if self._held_input is not None or self._held_output is not None:
+            if (type(loss) is torch.Tensor and math.isfinite(loss.item())) or (type(loss) is float and math.isfinite(loss)):
+                # The loss is finite, and with it (nearly always) what the model read and wrote: the
+                # sums are skipped and the step stores them as "not checked".
+                self._held_input = self._held_output = None
+                self._io_unchecked.append(row)
+                return [self._zero, self._zero]
+            self._sum_held()
         observed_input = self._observed.get(self._n_watched)
         if observed_input is not None:
             input_sum = observed_input.total  # sampled: its statistics hold the sum
         else:
-            input_sum = self._input_sum if self._input_sum is not None else self._zero
-        return [input_sum, self._output_sum if self._output_sum is not None else self._zero]
+            input_sum = self._io_sums.get(schema.INPUT_LAYER, self._zero)
+        return [input_sum, self._io_sums.get(schema.OUTPUT_LAYER, self._zero)]
 
     def _record_watched_sentinels(self, row: int) -> None:
         """Each watched module's output sum, written on the device: on a ``check_outputs`` step that
@@ -703,9 +755,9 @@ class Monitor:
         return [self._zero if m else next(present) for m in missing]
 
     def _loss_tensor(self, loss: torch.Tensor | float | None) -> torch.Tensor:
+        """The loss as a 0-d tensor to stack (called with grad mode off, so no ``detach``)."""
         if isinstance(loss, torch.Tensor):
-            loss_t = loss.detach()
-            return loss_t.reshape(()) if loss_t.ndim else loss_t
+            return loss.reshape(()) if loss.ndim else loss
         return torch.full((), math.nan if loss is None else float(loss), device=self._device)
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -813,6 +865,7 @@ class Monitor:
         self._host_missing[1:] = False
         self._host_modules_checked[0] = self._host_modules_checked[n]
         self._host_modules_checked[1:] = False
+        self._io_unchecked = [row - n for row in self._io_unchecked if row >= n]
         self._base = upto
         self._flush_deadline = self._next_flush_deadline()
         self._time_steps()
@@ -892,6 +945,8 @@ class Monitor:
         with np.errstate(invalid="ignore"):
             output_nonfinite = (~np.isfinite(sentinel)).astype(np.float64)
         output_nonfinite[~self._host_modules_checked[:n], : self._n_watched] = np.nan  # not checked
+        unchecked = [row for row in self._io_unchecked if row < n]
+        output_nonfinite[unchecked, self._n_watched :] = np.nan
         return np.concatenate(
             [
                 host[:, :1],
@@ -1082,11 +1137,23 @@ def _check_loss(loss: object) -> torch.Tensor | float | None:
     raise InvalidInputError(f"expected the loss as a scalar tensor or a number but got {type(loss).__name__}")
 
 
+def _summable(x: torch.Tensor) -> bool:
+    """Whether ``x`` can hold NaN/Inf and be summed: a real floating-point, dense tensor. (An empty
+    one sums to 0, finite, so unlike ``stats.is_measurable`` its size is not checked: one call less
+    on every forward.)"""
+    return x.is_floating_point() and x.layout == torch.strided
+
+
 def _add_sum(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """A NaN/Inf sentinel: the running sum of ``x`` over the step's forwards, non-finite exactly
     when some value was (or when the values reach ~1e38, far past any activation that trains)."""
-    s = x.detach().sum(dtype=torch.float32)
-    return s if total is None else total + s
+    grad_was_enabled = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)  # no autograd graph for a sentinel; cheaper than x.detach()
+    try:
+        s = x.sum() if x.dtype == torch.float32 else x.sum(dtype=torch.float32)
+        return s if total is None else total + s
+    finally:
+        torch._C._set_grad_enabled(grad_was_enabled)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

@@ -154,8 +154,9 @@ def test_by_default_modules_are_checked_on_sampled_steps_and_the_model_output_on
     with gradscope.Monitor(model, activation_every=2, **quiet) as mon:
         for _ in range(4):
             model.zero_grad()
-            model(torch.randn(8, 4)).sum().backward()
-            mon.step(1.0)
+            loss = model(torch.randn(8, 4)).sum()  # the NaN output makes the loss NaN
+            loss.backward()
+            mon.step(loss)
             hooks_on_next_step.append(len(model[1]._forward_hooks))
         run = mon.run
     flags = run.metric("output_nonfinite")
@@ -165,6 +166,61 @@ def test_by_default_modules_are_checked_on_sampled_steps_and_the_model_output_on
     assert flags["1"].iloc[[1, 3]].isna().all()  # not checked on the steps between samples
     # module hooks are attached only for sampled steps: the others take PyTorch's fast call path
     assert hooks_on_next_step == [0, 1, 0, 1]
+
+
+def _nan_batch_every_step(monitor_args: dict[str, Any], losses: list[Any]) -> Any:
+    """Train a small model on batches whose first row is NaN, passing ``losses[i]`` to step()."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with gradscope.Monitor(model, **monitor_args) as mon:
+        for given in losses:
+            model.zero_grad()
+            x = torch.randn(8, 4)
+            x[0] = math.nan
+            model(x).sum().backward()
+            mon.step(given)
+        return mon.run.metric("output_nonfinite")
+
+
+def test_on_cpu_input_and_output_are_checked_on_the_steps_whose_loss_is_not_finite(quiet: dict[str, Any]) -> None:
+    # steps 0 and 2 are sampled (activation statistics check everything); 1, 3 and 5 pass a finite
+    # loss, so their input and output are stored as not checked; 4 passes a NaN loss, 6 none at all
+    flags = _nan_batch_every_step(
+        dict(activation_every=2, **quiet),
+        [1.0, 1.0, 1.0, torch.tensor(2.0), torch.tensor(math.nan), 3.0, None],
+    )
+    for column in ("(input)", "(output)"):
+        assert flags[column].iloc[[0, 2, 4, 6]].tolist() == [1.0, 1.0, 1.0, 1.0], column
+        assert flags[column].iloc[[1, 3, 5]].isna().all(), column
+
+
+def test_check_outputs_checks_input_and_output_on_every_step_whatever_the_loss(quiet: dict[str, Any]) -> None:
+    flags = _nan_batch_every_step(dict(activation_every=0, check_outputs=True, **quiet), [1.0, 1.0, torch.tensor(2.0)])
+    assert flags["(input)"].tolist() == [1.0, 1.0, 1.0]
+    assert flags["(output)"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_gradient_accumulation_checks_every_micro_batch_of_a_step_with_a_nan_loss(quiet: dict[str, Any]) -> None:
+    """The first of two micro-batches carries the NaN: the kept input of the last forward alone
+    would miss it."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
+        model.zero_grad()
+        bad = torch.randn(8, 4)
+        bad[0] = math.nan
+        total = model(bad).sum() + model(torch.randn(8, 4)).sum()
+        total.backward()
+        mon.step(total)
+        flags = mon.run.metric("output_nonfinite")
+    assert flags["(input)"].tolist() == [1.0]
+    assert flags["(output)"].tolist() == [1.0]
+
+
+def test_the_kept_output_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
+        model(torch.randn(8, 4, requires_grad=True))  # a training forward, step() not called yet
+        kept = [mon._held_input, mon._held_output]
+        assert all(t is not None and t.grad_fn is None and not t.requires_grad for t in kept)
 
 
 @pytest.mark.parametrize(

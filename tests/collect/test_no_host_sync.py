@@ -88,7 +88,8 @@ def test_the_counter_catches_a_deliberate_item(cases: Any, monkeypatch: pytest.M
     case = cases["mlp"]
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, on_finding=None)
+    # check_outputs=True: on CPU the default reads the loss itself (see the test below)
+    mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, check_outputs=True, on_finding=None)
     original = Monitor._record_step
 
     def leaky(self: Monitor, loss: Any) -> None:
@@ -103,3 +104,19 @@ def test_the_counter_catches_a_deliberate_item(cases: Any, monkeypatch: pytest.M
     with _count_host_copies(monkeypatch) as copies:
         bool(torch.ones(()) > 0), float(torch.ones(())), torch.ones(2).tolist(), torch.ones(1).cpu()
     assert copies == {"__bool__": 1, "__float__": 1, "tolist": 1, "cpu": 1}
+
+
+def test_on_cpu_the_default_reads_only_the_loss_once_per_step(cases: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU, where ops run synchronously and reading a value waits for nothing, step() reads the
+    loss to decide whether to check the input batch and the output. That is the one read, and only
+    with the Monitor's parameters on the CPU: on an accelerator the sums are queued every step."""
+    case = cases["mlp"]
+    model = case.model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, activation_every=0, on_finding=None)
+    assert mon._io_on_demand  # decided from the parameters' device
+    _train(case, model, opt, mon, 1)
+    with _count_host_copies(monkeypatch) as copies:
+        _train(case, model, opt, mon, 5, start=1)
+    mon.close()
+    assert copies == {"item": 5}
