@@ -197,9 +197,11 @@ class Monitor:
         self._n_watched = n_watched = len(layout.watched_names)
         self._n_groups = len(optimizer.param_groups) if optimizer is not None else 0
         # Columns of the device step buffer: loss | per-parameter grad norm | input and output sentinels
-        # | sentinel per watched module | param norm | update norm. The first three are written every
-        # step by one torch.stack(out=...), the watched modules' sentinels only on the steps that check
-        # them; layer-level and run-level values are derived on the host at flush (_derive_step_columns).
+        # | sentinel per watched module | param norm | update norm. The first three are one torch.stack
+        # per step, kept until the flush writes them all with one copy (a stack into a slice of the
+        # buffer, out=..., costs ~2 µs more per step); the watched modules' sentinels are written only
+        # on the steps that check them; layer-level and run-level values are derived on the host at
+        # flush (_derive_step_columns).
         self._c_grad = 1
         self._c_io = self._c_grad + n_params  # the input batch, then the model's output
         self._c_watched = self._c_io + 2
@@ -210,8 +212,8 @@ class Monitor:
         self._sentinel_cols = np.r_[self._c_watched : self._c_pnorm, self._c_io : self._c_io + 2]
         rows = self.flush_every + 1  # +1: the row of a step whose update lands before it is recorded
         self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
-        # Views of each row's per-step columns, made once: slicing the buffer every step costs ~2 µs.
-        self._step_rows = [self._buf[r, : self._c_watched] for r in range(rows)]
+        self._step_values: list[torch.Tensor] = []  # each step's (c_watched,) stack, until the flush
+        self._step_value_rows: list[int] = []  # their rows in the buffer
         self._host_lr: list[list[Any]] = []
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
         self._host_modules_checked = np.zeros(rows, dtype=bool)  # module outputs were checked on that step
@@ -692,7 +694,10 @@ class Monitor:
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._io_sentinels(row, loss)]
-        self._write(values, self._step_rows[row])  # the step's one device write
+        if not self._single_device:
+            values = [v.to(self._device) for v in values]
+        self._step_values.append(torch.stack(values))  # the step's one device op besides the norms
+        self._step_value_rows.append(row)
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
 
@@ -831,6 +836,7 @@ class Monitor:
         n = upto - self._base
         if n <= 0:
             return
+        self._write_step_values()
         k = len(self._act_steps)
         counts = self._act_counts[:k]
         if self._dist is None:
@@ -872,6 +878,21 @@ class Monitor:
         live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
         if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host)):
             self._detect_live()
+
+    def _write_step_values(self) -> None:
+        """The steps' stacked loss, gradient norms and sentinels into the buffer, in one device copy."""
+        if not self._step_values:
+            return
+        stacked = torch.stack(self._step_values)
+        rows = self._step_value_rows
+        first = rows[0]
+        if rows[-1] - first == len(rows) - 1:  # consecutive rows, as when no step() failed midway
+            self._buf[first : first + len(rows), : self._c_watched].copy_(stacked)
+        else:
+            index = torch.tensor(rows, device=self._device)
+            self._buf[:, : self._c_watched].index_copy_(0, index, stacked)
+        self._step_values = []
+        self._step_value_rows = []
 
     def _combine_ranks(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One all_gather of this flush's buffers, combined across ranks (see collect/distributed.py)."""
@@ -925,7 +946,8 @@ class Monitor:
                 known = np.ones(n, dtype=bool)
             else:
                 known = steps % self.update_every == 0 if self.update_every else np.zeros(n, dtype=bool)
-            stepped = np.isin(steps, np.fromiter(self._optimizer_stepped, dtype=np.int64, count=len(self._optimizer_stepped)))
+            stepped = np.zeros(n, dtype=bool)
+            stepped[[s - first_step for s in self._optimizer_stepped if first_step <= s < first_step + n]] = True
             skipped = np.where(known, (~stepped).astype(np.float64), np.nan)
             self._optimizer_stepped.difference_update(range(first_step, first_step + n))
             lr = np.concatenate([lr, skipped[:, None]], axis=1)
@@ -945,8 +967,8 @@ class Monitor:
         with np.errstate(invalid="ignore"):
             output_nonfinite = (~np.isfinite(sentinel)).astype(np.float64)
         output_nonfinite[~self._host_modules_checked[:n], : self._n_watched] = np.nan  # not checked
-        unchecked = [row for row in self._io_unchecked if row < n]
-        output_nonfinite[unchecked, self._n_watched :] = np.nan
+        unchecked = np.asarray(self._io_unchecked, dtype=np.intp)
+        output_nonfinite[unchecked[unchecked < n], self._n_watched :] = np.nan
         return np.concatenate(
             [
                 host[:, :1],
@@ -976,7 +998,9 @@ class Monitor:
         unmoved by an evaluation pass or a checkpoint between two steps."""
         clock = self._step_clock
         if len(clock) >= 2:
-            self._step_seconds = float(np.median(np.diff(clock)))
+            periods = np.diff(np.asarray(clock))
+            middle = len(periods) // 2
+            self._step_seconds = float(np.partition(periods, middle)[middle])  # a median, at a third of np.median's cost
         self._step_clock = clock[-1:]
 
     def _new_nonfinite(self, host: np.ndarray) -> bool:
