@@ -67,7 +67,7 @@ def is_measurable(x: torch.Tensor) -> bool:
         x.is_floating_point()
         and x.numel() > 0
         and x.layout == torch.strided
-        and x.device.type != "meta"
+        and not x.is_meta  # a property: x.device builds an object, ~3× the cost, on every sampled module
     )
 
 
