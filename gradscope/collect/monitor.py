@@ -250,6 +250,7 @@ class Monitor:
         self._layer_segments = (order, starts, param_layer[order][starts])
         self._complex_params = any(p.is_complex() for p in layout.params)
         self._plain_grads = not self._complex_params
+        self._all_grads_last_step = True  # every tracked parameter had a gradient at the last step
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_valid = False
 
@@ -754,9 +755,15 @@ class Monitor:
     def _gradient_norms(self, row: int) -> list[torch.Tensor]:
         """Each tracked parameter's gradient norm; 0 where it has no gradient, marked in ``_host_missing``."""
         grads = [p.grad for p in self._params]
-        if not any(g is None for g in grads):
-            return self._grad_norms(grads)  # type: ignore[arg-type]
+        if self._all_grads_last_step:
+            try:
+                return self._grad_norms(grads)  # type: ignore[arg-type]
+            except TypeError:  # a None among the gradients: found without a scan of the list each step
+                pass
         missing = [g is None for g in grads]
+        self._all_grads_last_step = not any(missing)
+        if self._all_grads_last_step:
+            return self._grad_norms(grads)  # type: ignore[arg-type]
         self._host_missing[row] = missing
         present = iter(self._grad_norms([g for g in grads if g is not None]))
         return [self._zero if m else next(present) for m in missing]

@@ -275,6 +275,25 @@ def test_a_parameter_without_gradient_is_grad_missing(make_case: Any, reference:
     assert run.metric("act_mean")["unused"].isna().all()
 
 
+def test_a_branch_used_on_some_steps_is_missing_exactly_on_the_others(quiet: dict[str, Any]) -> None:
+    """Gradients that come and go (a branch taken on some steps): each step records its own."""
+    torch.manual_seed(0)
+    model = _UnusedBranch()
+    used_branch = [True, False, False, True, True, False]
+    with gradscope.Monitor(model, **quiet) as mon:
+        for use in used_branch:
+            model.zero_grad()  # set_to_none: an unused branch has no gradient at all
+            x = torch.randn(8, 4)
+            out = model.used(x) + (model.unused(x) if use else 0)
+            out.sum().backward()
+            mon.step(out.sum())
+        run = mon.run
+    expected_missing = [0 if use else 1 for use in used_branch]
+    np.testing.assert_array_equal(run.metric("param_grad_missing")["unused.weight"], expected_missing)
+    norms = run.metric("param_grad_norm")["unused.weight"].to_numpy()
+    assert (norms[np.asarray(used_branch)] > 0).all() and (norms[~np.asarray(used_branch)] == 0).all()
+
+
 # --------------------------------------------------------------------------- the model trains exactly as without a Monitor
 
 
