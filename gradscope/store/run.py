@@ -6,7 +6,8 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradscope.errors import UnreadableRunError
+from gradscope.errors import GradscopeError, RunNotFoundError, UnreadableRunError
 from gradscope.store import sqlite as db
 from gradscope.store.schema import (
     FORWARD_STREAM,
@@ -25,6 +26,16 @@ from gradscope.store.schema import (
 )
 
 __all__ = ["ModuleInfo", "Run", "load", "require_steps"]
+
+# A stream whose values fit in this many bytes is read whole when the run is loaded, in one pass over
+# the file (most runs, and every window the Monitor checks live: 4000 steps of ~1000 columns); a
+# larger one keeps only its run-level series in memory and reads each other metric when first asked
+# for, so a 100,000-step run never holds all its ~1000 columns (300 MB) at once.
+EAGER_STREAM_BYTES = 64 << 20
+# Metrics read on request stay cached up to this many bytes, least recently used dropped first:
+# detectors and the report ask for the same few metrics several times, and each read is a pass over
+# the stream (~0.1 s at 100,000 steps), while caching all of them would hold most of the run again.
+CACHE_BYTES = 96 << 20
 
 
 @dataclass(frozen=True)
@@ -47,21 +58,30 @@ class Run:
     - :meth:`metric` gives a ``steps × layers`` frame for a per-layer metric (``"grad_norm"``,
       ``"update_ratio"``, ``"act_dead_frac"``, …); :attr:`layers` lists the modules that own parameters.
     - :meth:`to_pandas` gives every value in tidy form: ``step, layer, metric, value``.
+
+    A long run (a stream of more than 64 MB of values: 100,000 steps of a 50-layer model hold 300 MB)
+    keeps its steps and run-level series in memory and reads each other metric from its file when
+    first asked for, keeping the recently used ones: it needs the run directory in place while it is
+    used, and it sees the rows that were there when it was loaded, however much a writer appends since.
     """
 
     def __init__(
         self,
         meta: dict[str, Any],
-        streams: dict[str, tuple[list[tuple[str, str]], db.Chunk]],
+        streams: Mapping[str, tuple[list[tuple[str, str]], db.Chunk | _StoredStream]],
         events: list[dict[str, Any]],
         path: Path | None = None,
+        *,
+        file: _RunFile | None = None,
     ) -> None:
         self.meta = meta
         self.path = path
         self.events = events
-        self._streams = streams
+        self._streams = dict(streams)
+        self._file = file  # where a _StoredStream's other columns are read from
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # metric -> values read on request, oldest first
         self._index: dict[str, tuple[str, list[int], list[str]]] = {}
-        for stream, (columns, _chunk) in streams.items():
+        for stream, (columns, _values) in streams.items():
             for col, (layer, metric) in enumerate(columns):
                 _, cols, layers = self._index.setdefault(metric, (stream, [], []))
                 cols.append(col)
@@ -94,14 +114,15 @@ class Run:
         if own_transaction:
             conn.execute("BEGIN")
         try:
-            streams = {}
+            streams: dict[str, tuple[list[tuple[str, str]], db.Chunk | _StoredStream]] = {}
             for stream in db.read_streams(conn):
                 columns = db.read_columns(conn, stream)
-                chunk = db.read_stream(conn, stream, len(columns), since_step=since_step, head_steps=head_steps)
-                if since_step is not None and len(chunk.steps):
-                    keep = (chunk.steps >= since_step) | (chunk.steps < head_steps)
-                    chunk = db.Chunk(chunk.steps[keep], chunk.data[keep])
-                streams[stream] = (columns, chunk)
+                rows = db.read_stream_rows(conn, stream, len(columns), since_step=since_step, head_steps=head_steps)
+                if rows.nbytes <= EAGER_STREAM_BYTES:
+                    streams[stream] = (columns, db.Chunk(rows.steps, db.read_stream_columns(conn, rows, range(len(columns)))))
+                else:
+                    held_cols = [col for col, (layer, _) in enumerate(columns) if layer == RUN_LAYER]
+                    streams[stream] = (columns, _StoredStream(rows, held_cols, db.read_stream_columns(conn, rows, held_cols)))
             events = db.read_events(conn)
         except (sqlite3.DatabaseError, ValueError) as e:
             raise UnreadableRunError(f"cannot read run {where!r}: the data is corrupt ({e})") from None
@@ -109,7 +130,7 @@ class Run:
             if own_transaction and conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # ending a read-only snapshot cannot lose anything
                     conn.execute("ROLLBACK")
-        return cls(meta, streams, events, path)
+        return cls(meta, streams, events, path, file=_RunFile(where, path, conn, meta.get("started_at")))
 
     # ------------------------------------------------------------------ run-level facts
 
@@ -126,7 +147,7 @@ class Run:
     @cached_property
     def steps(self) -> np.ndarray:
         """Optimizer steps recorded, ``(n_steps,)`` int64."""
-        return self._chunk(STEP_STREAM).steps
+        return self._steps(STEP_STREAM)
 
     @property
     def n_steps(self) -> int:
@@ -181,33 +202,33 @@ class Run:
             names.append("update_ratio")
         return names
 
-    def metric(self, metric: str, layers: Sequence[str] | None = None) -> pd.DataFrame:
+    def metric(self, metric: str, layers: Sequence[str] | None = None, rows: slice | None = None) -> pd.DataFrame:
         """A ``steps × layers`` frame of one metric (index: step, columns: layer names).
 
         Activation metrics (``act_*``) are indexed by the steps on which activations were sampled.
-        ``update_ratio`` is derived as ``update_norm / weight_norm``.
+        ``update_ratio`` is derived as ``update_norm / weight_norm``. ``rows`` takes a slice of the
+        rows, as in :meth:`metric_array`.
         """
         if metric == "update_ratio" and metric not in self._index and "update_norm" in self._index:
-            (upd, names), (par, par_names) = self.metric_array("update_norm"), self.metric_array("weight_norm")
-            if names == par_names:  # computed on the float32 arrays: no float64 frame of each input
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    ratio = upd / np.where(par > 0, par, np.float32(np.nan))
-                steps = self._chunk(self._index["update_norm"][0]).steps
+            derived = self._update_ratio(rows)
+            if derived is not None:
+                ratio, names = derived
+                steps = self._steps(self._index["update_norm"][0])[rows or slice(None)]
                 frame = pd.DataFrame(
                     ratio.astype(np.float64), index=pd.Index(steps, name="step"), columns=pd.Index(names, name="layer"), copy=False
                 )
                 return frame if layers is None or list(layers) == names else frame.reindex(columns=list(layers))
-            upd_frame, par_frame = self.metric("update_norm", layers), self.metric("weight_norm", layers)
+            upd_frame, par_frame = self.metric("update_norm", layers, rows), self.metric("weight_norm", layers, rows)
             with np.errstate(divide="ignore", invalid="ignore"):
                 return upd_frame / par_frame.where(par_frame > 0)
         if metric not in self._index:
             from gradscope.errors import InvalidInputError
 
             raise InvalidInputError(f"expected one of the run's metrics ({', '.join(sorted(self.metrics))}) but got {metric!r}")
-        values, names = self.metric_array(metric)
+        values, names = self.metric_array(metric, rows)
         frame = pd.DataFrame(
             values.astype(np.float64),
-            index=pd.Index(self._chunk(self._index[metric][0]).steps, name="step"),
+            index=pd.Index(self._steps(self._index[metric][0])[rows or slice(None)], name="step"),
             columns=pd.Index(names, name="layer"),
             copy=False,  # the float64 array is already this frame's own: no second copy of a long run
         )
@@ -215,28 +236,68 @@ class Run:
             frame = frame.reindex(columns=list(layers))
         return frame
 
-    def metric_array(self, metric: str) -> tuple[np.ndarray, list[str]]:
-        """A stored metric as its raw ``steps × layers`` float32 array and the layer names: a
-        read-only view of the loaded run when its columns sit side by side (they do for runs the
-        Monitor writes), so large runs can be scanned without a float64 copy of every series.
-        The rows are the steps of :meth:`metric` (``activation_steps`` for ``act_*`` metrics)."""
+    def metric_array(self, metric: str, rows: slice | None = None) -> tuple[np.ndarray, list[str]]:
+        """A stored metric as its raw ``steps × layers`` float32 array and the layer names, read-only:
+        a view of the loaded run when its columns sit side by side (they do for runs the Monitor
+        writes), or for a long run the array read from the file on first request and cached, so large
+        runs can be scanned without a float64 copy of every series.
+        The rows are the steps of :meth:`metric` (``activation_steps`` for ``act_*`` metrics);
+        ``rows`` takes a slice of them (``slice(0, 1)``: the first step), which a long run reads from
+        the part of the file that holds them.
+
+        Raises:
+            UnreadableRunError: a long run's file was removed, replaced or damaged since it was loaded.
+        """
         if metric not in self._index:
-            derived = self.metric(metric)  # update_ratio; any other name raises the error that lists the metrics
-            return derived.to_numpy(dtype=np.float32), [str(c) for c in derived.columns]
-        stream, cols, names = self._index[metric]
-        data = self._chunk(stream).data
-        first = cols[0] if len(cols) else 0
-        if len(cols) and np.array_equal(cols, np.arange(first, first + len(cols))):
-            values = data[:, first : first + len(cols)]
+            derived = self._update_ratio(rows) if metric == "update_ratio" and "update_norm" in self._index else None
+            if derived is None:
+                frame = self.metric(metric, rows=rows)  # update_ratio of unlike layers; any other name raises the error that lists the metrics
+                return frame.to_numpy(dtype=np.float32), [str(c) for c in frame.columns]
+            values, names = derived
         else:
-            values = data[:, cols]
-        values = values.view()
+            stream, cols, names = self._index[metric]
+            values = self._values(stream, metric, cols, rows).view()
         values.flags.writeable = False
         return values, list(names)
 
+    def _update_ratio(self, rows: slice | None) -> tuple[np.ndarray, list[str]] | None:
+        """``update_norm / weight_norm`` computed on the float32 arrays (no float64 copy of either), when
+        both hold the same layers, as the Monitor writes them; else None."""
+        (upd, names), (par, par_names) = self.metric_array("update_norm", rows), self.metric_array("weight_norm", rows)
+        if names != par_names:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return upd / np.where(par > 0, par, np.float32(np.nan)), names
+
+    def _values(self, stream: str, metric: str, cols: list[int], rows: slice | None = None) -> np.ndarray:
+        """``(rows, len(cols))`` float32 values of a metric: from memory, or read from the file."""
+        values = self._streams[stream][1]
+        if isinstance(values, db.Chunk):
+            held = values.data[:, db.column_pick(cols)]
+            return held if rows is None else held[rows]
+        if set(cols) <= set(values.held_cols):
+            held = values.held[:, db.column_pick([values.held_cols.index(col) for col in cols])]
+            return held if rows is None else held[rows]
+        if rows is not None and metric not in self._cache:
+            picked = np.arange(len(values.steps))[rows]
+            start, stop = (int(picked.min()), int(picked.max()) + 1) if picked.size else (0, 0)
+            return self._read(values.rows.take(start, stop), cols, f"metric {metric!r}")[picked - start]
+        cached = self._cache.pop(metric, None)
+        if cached is None:
+            cached = self._read(values.rows, cols, f"metric {metric!r}")
+        self._cache[metric] = cached  # the most recently used last
+        while len(self._cache) > 1 and sum(v.nbytes for v in self._cache.values()) > CACHE_BYTES:
+            self._cache.popitem(last=False)
+        return cached if rows is None else cached[rows]
+
+    def _read(self, rows: db.StreamRows, cols: Sequence[int], what: str) -> np.ndarray:
+        if self._file is None:
+            raise RuntimeError(f"gradscope bug: {what} was not loaded, and the run has no file to read it from")
+        return self._file.read(rows, cols, what)
+
     @property
     def activation_steps(self) -> np.ndarray:
-        return self._chunk(FORWARD_STREAM).steps
+        return self._steps(FORWARD_STREAM)
 
     @property
     def input_layer(self) -> str:
@@ -253,17 +314,18 @@ class Run:
         parameter's qualified name and metrics prefixed ``param_``.
         """
         parts = []
-        for columns, chunk in self._streams.values():
-            if not len(chunk.steps):
+        for columns, values in self._streams.values():
+            if not len(values.steps):
                 continue
-            n_rows, n_cols = chunk.data.shape
+            n_rows, n_cols = len(values.steps), len(columns)
+            data = values.data if isinstance(values, db.Chunk) else self._read(values.rows, range(n_cols), "every series")
             parts.append(
                 pd.DataFrame(
                     {
-                        "step": np.repeat(chunk.steps, n_cols),
+                        "step": np.repeat(values.steps, n_cols),
                         "layer": np.tile(np.array([c[0] for c in columns], dtype=object), n_rows),
                         "metric": np.tile(np.array([c[1] for c in columns], dtype=object), n_rows),
-                        "value": chunk.data.reshape(-1).astype(np.float64),
+                        "value": data.reshape(-1).astype(np.float64),
                     }
                 )
             )
@@ -281,14 +343,56 @@ class Run:
         frame = frame.dropna(subset=["value"]).sort_values(["step", "metric", "layer"], kind="stable")
         return frame.reset_index(drop=True)
 
-    def _chunk(self, stream: str) -> db.Chunk:
-        if stream not in self._streams:
-            return db.Chunk(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
-        return self._streams[stream][1]
+    def _steps(self, stream: str) -> np.ndarray:
+        return self._streams[stream][1].steps if stream in self._streams else np.zeros(0, dtype=np.int64)
 
     def __repr__(self) -> str:
         where = str(self.path) if self.path is not None else "memory"
         return f"Run({where!r}, steps={self.n_steps}, layers={len(self.layers)}, status={self.status!r})"
+
+
+@dataclass(frozen=True)
+class _StoredStream:
+    """A stream too large to load whole: its rows in the file, and the (run-level) columns read at load."""
+
+    rows: db.StreamRows
+    held_cols: list[int]
+    held: np.ndarray  # (rows, len(held_cols)) float32
+
+    @property
+    def steps(self) -> np.ndarray:
+        return self.rows.steps
+
+
+class _RunFile:
+    """Where a long run reads the metrics it did not load: its file, reopened for each read so that a
+    Run holds no handle or lock on it, or, for a run kept in memory, the connection it came from."""
+
+    def __init__(self, where: str, path: Path | None, conn: sqlite3.Connection, started_at: Any) -> None:
+        self.where = where
+        self.source: Path | sqlite3.Connection = path if path is not None else conn
+        self.started_at = started_at  # tells the run apart from a new one written over it (overwrite=True)
+
+    def read(self, rows: db.StreamRows, cols: Sequence[int], what: str) -> np.ndarray:
+        try:
+            if isinstance(self.source, sqlite3.Connection):
+                return db.read_stream_columns(self.source, rows, cols)
+            conn, _ = db.connect_for_reading(self.source)
+            try:
+                started_at = db.read_meta_value(conn, "started_at")
+                if started_at != self.started_at:
+                    raise ValueError(f"it now holds another run (started at {started_at}, not {self.started_at})")
+                return db.read_stream_columns(conn, rows, cols)
+            finally:
+                conn.close()
+        except RunNotFoundError:
+            problem = "it no longer exists"
+        except (GradscopeError, sqlite3.Error, ValueError) as e:
+            problem = str(e)
+        raise UnreadableRunError(
+            f"cannot read {what} of run {self.where!r}: expected the file it was loaded from, unchanged, but {problem}; "
+            "keep the run directory in place while using a Run of a long run, or load it again"
+        )
 
 
 def load(path: str | os.PathLike[str] | Run, *, since_step: int | None = None) -> Run:
@@ -296,6 +400,8 @@ def load(path: str | os.PathLike[str] | Run, *, since_step: int | None = None) -
 
     Works on a run still being written by another process and on one cut short by a crash
     (it then holds everything up to the last flush and :attr:`Run.is_partial` is true).
+    A long run is read lazily: its per-layer metrics come from the file when first asked for
+    (see :class:`Run`), so loading it takes a fraction of a second and little memory.
     ``since_step`` loads only the steps from that one on (for windowed live checks).
 
     Raises:

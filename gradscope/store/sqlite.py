@@ -27,7 +27,19 @@ import numpy as np
 
 from gradscope.errors import InvalidInputError, RunNotFoundError, UnreadableRunError
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "Chunk", "IncompleteRunError", "RunWriter", "being_created", "connect_for_reading"]
+__all__ = [
+    "DB_NAME",
+    "SCHEMA_VERSION",
+    "Chunk",
+    "IncompleteRunError",
+    "RunWriter",
+    "StreamRows",
+    "being_created",
+    "column_pick",
+    "connect_for_reading",
+    "read_stream_columns",
+    "read_stream_rows",
+]
 
 DB_NAME = "run.sqlite"
 LOCK_NAME = ".gradscope.lock"
@@ -332,32 +344,109 @@ def read_streams(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in conn.execute("SELECT DISTINCT stream FROM columns ORDER BY stream")]
 
 
-def read_stream(
+@dataclass(frozen=True)
+class StreamRows:
+    """The rows of one stream as a reader found them: its chunks by id and, in a window, which of their
+    rows it keeps. Columns read later from these (:func:`read_stream_columns`) come from the same
+    snapshot however much a writer has appended since, because chunks are never changed once written."""
+
+    stream: str
+    n_cols: int
+    chunk_ids: tuple[int, ...]
+    chunk_rows: tuple[int, ...]
+    steps: np.ndarray  # (rows kept,) int64
+    keep: np.ndarray | None = None  # (sum(chunk_rows),) bool, the rows inside the window; None keeps all
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every column of the kept rows as float32."""
+        return len(self.steps) * self.n_cols * 4
+
+    def take(self, start: int, stop: int) -> StreamRows:
+        """Kept rows ``start`` to ``stop`` only, in the chunks that hold them (reading the first step
+        of a long run reads one chunk)."""
+        stored = sum(self.chunk_rows)
+        keep = self.keep if self.keep is not None else np.ones(stored, dtype=bool)
+        kept_before = np.cumsum(keep) - keep  # (stored rows,) kept rows before each one
+        inside = keep & (kept_before >= start) & (kept_before < stop)
+        bounds = np.cumsum((0, *self.chunk_rows))
+        chosen = [i for i in range(len(self.chunk_ids)) if inside[bounds[i] : bounds[i + 1]].any()]
+        return StreamRows(
+            self.stream,
+            self.n_cols,
+            tuple(self.chunk_ids[i] for i in chosen),
+            tuple(self.chunk_rows[i] for i in chosen),
+            self.steps[start:stop],
+            np.concatenate([inside[bounds[i] : bounds[i + 1]] for i in chosen]) if chosen else np.zeros(0, dtype=bool),
+        )
+
+
+def read_stream_rows(
     conn: sqlite3.Connection, stream: str, n_cols: int, *, since_step: int | None = None, head_steps: int = 0
-) -> Chunk:
-    """A whole stream as one chunk, filled in place: each stored chunk is copied into a preallocated
-    array and released, so loading needs the run's size in memory once, not twice (a list of chunks
-    and their concatenation)."""
+) -> StreamRows:
+    """The chunks and steps of a stream (those of steps ≥ ``since_step`` or < ``head_steps`` when a
+    window is given), without its values: those are read per column by :func:`read_stream_columns`."""
     where = "stream = ?"
     args: list[Any] = [stream]
     if since_step is not None:
         where += " AND (last_step >= ? OR first_step < ?)"
         args += [since_step, head_steps]
-    (total,) = conn.execute(f"SELECT COALESCE(SUM(n_rows), 0) FROM chunks WHERE {where}", args).fetchone()
-    steps = np.empty(int(total), dtype=np.int64)
-    data = np.empty((int(total), n_cols), dtype=np.float32)
-    at = 0
-    for n_rows, chunk_cols, step_blob, data_blob in conn.execute(
-        f"SELECT n_rows, n_cols, steps, data FROM chunks WHERE {where} ORDER BY id", args
+    ids, rows, steps = [], [], []
+    for chunk_id, n_rows, chunk_cols, step_blob in conn.execute(
+        f"SELECT id, n_rows, n_cols, steps FROM chunks WHERE {where} ORDER BY id", args
     ):
         if chunk_cols != n_cols:
             raise ValueError(f"a chunk of stream {stream!r} has {chunk_cols} columns, expected {n_cols}")
-        if at + n_rows > total:
-            raise ValueError(f"the chunks of stream {stream!r} changed while being read")
-        steps[at : at + n_rows] = np.frombuffer(step_blob, dtype="<i8")
-        data[at : at + n_rows] = np.frombuffer(data_blob, dtype="<f4").reshape(n_rows, n_cols)
+        steps.append(np.frombuffer(step_blob, dtype="<i8"))
+        if len(steps[-1]) != n_rows:
+            raise ValueError(f"a chunk of stream {stream!r} has {len(steps[-1])} steps, expected {n_rows}")
+        ids.append(int(chunk_id))
+        rows.append(int(n_rows))
+    all_steps = np.concatenate(steps).astype(np.int64) if steps else np.zeros(0, dtype=np.int64)
+    keep = None
+    if since_step is not None:
+        keep = (all_steps >= since_step) | (all_steps < head_steps)
+        all_steps = all_steps[keep]
+    return StreamRows(stream, n_cols, tuple(ids), tuple(rows), all_steps, keep)
+
+
+def read_stream_columns(conn: sqlite3.Connection, rows: StreamRows, cols: Sequence[int]) -> np.ndarray:
+    """Columns ``cols`` of the rows of a stream as a ``(rows, len(cols))`` float32 array.
+
+    Each chunk is read through SQLite's incremental blob I/O (several times faster than selecting
+    the blob) and only the requested columns are kept, so reading one metric of a long run needs
+    that metric's size in memory plus one chunk, not the whole stream.
+    """
+    cols = list(cols)
+    pick = column_pick(cols)
+    out = np.empty((len(rows.steps), len(cols)), dtype=np.float32)
+    at = kept_at = 0
+    for chunk_id, n_rows in zip(rows.chunk_ids, rows.chunk_rows, strict=True):
+        with conn.blobopen("chunks", "data", chunk_id, readonly=True) as blob:
+            if len(blob) != n_rows * rows.n_cols * 4:
+                raise ValueError(
+                    f"a chunk of stream {rows.stream!r} holds {len(blob)} bytes, expected {n_rows} rows × {rows.n_cols} float32"
+                )
+            block = np.frombuffer(blob.read(), dtype="<f4").reshape(n_rows, rows.n_cols)[:, pick]
+        if rows.keep is not None:
+            block = block[rows.keep[at : at + n_rows]]
+        out[kept_at : kept_at + len(block)] = block
         at += n_rows
-    return Chunk(steps[:at], data[:at])
+        kept_at += len(block)
+    return out
+
+
+def column_pick(cols: Sequence[int]) -> slice | list[int]:
+    """An index for ``array[:, pick]``: a slice (a view) when the columns sit side by side, as the
+    Monitor writes a metric's columns, else the list (a copy)."""
+    first = cols[0] if len(cols) else 0
+    return slice(first, first + len(cols)) if list(cols) == list(range(first, first + len(cols))) else list(cols)
+
+
+def read_meta_value(conn: sqlite3.Connection, key: str) -> Any:
+    """One metadata value (``None`` when absent)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return json.loads(row[0]) if row is not None else None
 
 
 def read_events(conn: sqlite3.Connection) -> list[dict[str, Any]]:
