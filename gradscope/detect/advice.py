@@ -163,6 +163,9 @@ FLATLINE_MAX_GAIN = 1.5
 # The smallest improvement over one window that counts as "still improving" (5%), raised with
 # the noise of the curve (see LossView.improving).
 IMPROVING_MIN_DECADES = 0.02
+# Whole-run scans of per-layer series go this many rows at a time: the float64 temporaries of a block
+# stay a few MB, where those of a whole 100,000-step run would be the peak memory of the diagnosis.
+BLOCK_ROWS = 8192
 
 
 class LossView:
@@ -296,7 +299,9 @@ class LossView:
 
 
 class RunFacts:
-    """The facts of one run that fixes are written from; computed lazily, once (see :func:`facts`)."""
+    """The facts of one run that fixes are written from; computed lazily, once (see :func:`facts`).
+    The per-step frames (:meth:`log_grad`, :meth:`update_ratio`) are computed for the rows asked for
+    each time instead, so that a long run's are never held whole."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -484,7 +489,7 @@ class RunFacts:
         initialised to zero, so no gradient can pass through them (an exact-zero test is right here)."""
         if "param_weight_norm" not in self.run.metrics or not self.run.n_steps:
             return []
-        values, params = self.run.metric_array("param_weight_norm")  # the first row only: no frame of every step
+        values, params = self.run.metric_array("param_weight_norm", rows=slice(0, 1))  # not every step of every parameter
         layer_of = dict(zip(self.run.meta.get("params", []), self.run.meta.get("param_layers", []), strict=False))
         zero = []
         for param, value in zip(params, values[0], strict=True):
@@ -493,13 +498,13 @@ class RunFacts:
                 zero.append(layer)
         return zero
 
-    @cached_property
-    def update_ratio(self) -> pd.DataFrame:
-        """steps × weight layers: ‖Δθ‖/‖θ‖ per step (empty when updates were not measured). Layers
-        initialised to zero are left out: any update is infinitely large relative to nothing."""
+    def update_ratio(self, rows: slice = slice(None)) -> pd.DataFrame:
+        """rows × weight layers: ‖Δθ‖/‖θ‖ per step (empty when updates were not measured). Layers
+        initialised to zero are left out: any update is infinitely large relative to nothing.
+        Computed for the rows asked for, not kept: a long run's whole frame is hundreds of MB."""
         if "update_norm" not in self.run.metrics or "weight_norm" not in self.run.metrics:
             return pd.DataFrame()
-        frame = self.run.metric("update_ratio")
+        frame = self.run.metric("update_ratio", rows=rows)
         skip = set(self.zero_weight_layers)
         cols = [c for c in frame.columns if c in set(self.weight_layers) and c not in skip]
         if not cols:
@@ -507,31 +512,49 @@ class RunFacts:
         return frame[cols]
 
     @cached_property
+    def has_update_ratio(self) -> bool:
+        """Whether :meth:`update_ratio` holds any value (its columns do not depend on the rows: the first one tells)."""
+        return not self.update_ratio(slice(0, 1)).empty
+
+    def update_ratio_of(self, layer: str) -> np.ndarray:
+        """‖Δθ‖/‖θ‖ of one layer of :meth:`update_ratio` at every step, computed in blocks of rows."""
+        blocks = [self.update_ratio(slice(start, start + BLOCK_ROWS))[layer].to_numpy() for start in range(0, self.run.n_steps, BLOCK_ROWS)]
+        return np.concatenate(blocks) if blocks else np.zeros(0)
+
+    def update_ratio_reached(self, threshold: float, upto_step: int) -> bool:
+        """Whether a layer's ‖Δθ‖/‖θ‖ reached ``threshold`` (finite) on a step up to ``upto_step``."""
+        steps = self.run.steps
+        for start in range(0, len(steps), BLOCK_ROWS):
+            block = self.update_ratio(slice(start, start + BLOCK_ROWS)).to_numpy(dtype=np.float64)
+            block = block[steps[start : start + BLOCK_ROWS] <= upto_step]
+            if (np.isfinite(block) & (block >= threshold)).any():
+                return True
+        return False
+
+    @cached_property
     def early_update_ratio(self) -> float:
         """Largest per-layer median ‖Δθ‖/‖θ‖ over the first steps: how hard the first updates hit."""
-        ur = self.update_ratio
+        ur = self.update_ratio(slice(0, 10))
         if ur.empty:
             return math.nan
-        rows = min(len(ur), 10)
-        med = ur.iloc[:rows].median(skipna=True)
+        med = ur.median(skipna=True)
         return float(med.max()) if med.notna().any() else math.nan
 
     @cached_property
     def first_update_ratio(self) -> float:
         """Largest ‖Δθ‖/‖θ‖ over layers in the first three steps, before any divergence distorts it."""
-        ur = self.update_ratio
+        ur = self.update_ratio(slice(0, 3))
         if ur.empty:
             return math.nan
-        vals = ur.iloc[: min(len(ur), 3)].to_numpy(dtype=np.float64)
+        vals = ur.to_numpy(dtype=np.float64)
         vals = vals[np.isfinite(vals)]
         return float(np.median(vals.reshape(-1))) if vals.size else math.nan
 
     def typical_update_ratio(self, rows: slice) -> float:
         """Largest per-layer median ‖Δθ‖/‖θ‖ over these rows: how fast the fastest layer learns."""
-        ur = self.update_ratio
-        if ur.empty:
+        if not self.has_update_ratio:
             return math.nan
-        med = ur.iloc[rows].median(skipna=True)
+        med = self.update_ratio(rows).median(skipna=True)
         med = med[med > 0]
         return float(med.max()) if med.notna().any() and len(med) else math.nan
 
@@ -591,7 +614,6 @@ class RunFacts:
         dead = [m for m, v in self.dead_fractions.items() if v >= DEAD_CAUSE_FRACTION and m in frame.columns]
         if not dead or frame.empty:
             return []
-        ur = self.update_ratio
         killed = []
         for m in dead:
             series = frame[m].to_numpy(dtype=np.float64)
@@ -602,11 +624,7 @@ class RunFacts:
             if onset_row < 0:
                 continue
             onset_step = int(frame.index[onset_row])
-            if ur.empty:
-                continue
-            upto = ur.loc[ur.index <= onset_step].to_numpy(dtype=np.float64)
-            upto = upto[np.isfinite(upto)]
-            if upto.size and upto.max() >= KILLING_UPDATE_RATIO:
+            if self.has_update_ratio and self.update_ratio_reached(KILLING_UPDATE_RATIO, onset_step):
                 killed.append(m)
         return killed
 
@@ -621,26 +639,36 @@ class RunFacts:
         return self.order[-1] if self.order else None
 
     @cached_property
-    def log_grad(self) -> pd.DataFrame:
-        """steps × weight layers: log10 of the gradient norm (NaN where zero, missing or non-finite)."""
+    def grad_rows(self) -> int:
+        """Rows of :meth:`log_grad` (0 when no per-layer gradient norm was recorded)."""
+        return self.run.n_steps if "grad_norm" in self.run.metrics else 0
+
+    def log_grad(self, rows: slice = slice(None)) -> pd.DataFrame:
+        """rows × weight layers: log10 of the gradient norm (NaN where zero, missing or non-finite).
+        Computed for the rows asked for, not kept: a long run's whole frame is hundreds of MB."""
         if "grad_norm" not in self.run.metrics:
             return pd.DataFrame()
-        frame = self.run.metric("grad_norm")
-        cols = [c for c in self.weight_layers if c in frame.columns]
-        values = F.log10_positive(frame[cols].to_numpy(dtype=np.float64)).reshape(len(frame), len(cols))
-        return pd.DataFrame(values, index=frame.index, columns=cols)
+        grad, layers = self.run.metric_array("grad_norm", rows=rows)
+        position = {layer: i for i, layer in enumerate(layers)}
+        cols = [c for c in self.weight_layers if c in position]
+        picked = [position[c] for c in cols]
+        values = np.empty((len(grad), len(cols)))
+        for start in range(0, len(grad), BLOCK_ROWS):
+            block = grad[start : start + BLOCK_ROWS, picked]
+            values[start : start + len(block)] = F.log10_positive(block).reshape(block.shape)
+        return pd.DataFrame(values, index=pd.Index(self.run.steps[rows], name="step"), columns=cols, copy=False)
 
     def vanishing_profile(self, rows: slice) -> tuple[list[str], np.ndarray]:
         """(layers, decades lost before each layer's best-fed successor) over these rows."""
-        lg = self.log_grad
-        if lg.empty:
+        lg = self.log_grad(rows)
+        if not self.grad_rows or lg.shape[1] == 0:
             return [], np.zeros(0)
-        profile = lg.iloc[rows].median(skipna=True).to_numpy(dtype=np.float64)
+        profile = lg.median(skipna=True).to_numpy(dtype=np.float64)
         return list(lg.columns), F.depth_deficit(profile)
 
     @cached_property
     def vanishing_decades(self) -> float:
-        n = len(self.log_grad)
+        n = self.grad_rows
         if not n:
             return math.nan
         rows = slice(max(0, n - F.window_length(n, 0.25, 5, 2000)), None)
@@ -696,11 +724,14 @@ class RunFacts:
     def grad_rise_layers(self, row: int, half_window: int = 10) -> list[str]:
         """Layers ranked by how far their own gradient at ``row`` rose above their level just before
         (just after, for the first row); only those that rose by more than 0.5 decades (3×)."""
-        lg = self.log_grad
-        if lg.empty or not 0 <= row < len(lg):
+        if not 0 <= row < self.grad_rows:
             return []
-        at = lg.iloc[row].to_numpy(dtype=np.float64)
-        before = lg.iloc[max(0, row - half_window) : row] if row > 0 else lg.iloc[row + 1 : row + 1 + half_window]
+        first = max(0, row - half_window)
+        lg = self.log_grad(slice(first, row + 1 + half_window))
+        if lg.shape[1] == 0:
+            return []
+        at = lg.iloc[row - first].to_numpy(dtype=np.float64)
+        before = lg.iloc[: row - first] if row > 0 else lg.iloc[1:]
         base = before.median(skipna=True).to_numpy(dtype=np.float64) if len(before) else np.full(at.shape, np.nan)
         rise = at - base
         order = np.argsort(-np.nan_to_num(rise, nan=-np.inf))
@@ -716,7 +747,7 @@ class RunFacts:
             (m for m, v in self.saturated_fractions.items() if v >= SATURATED_CAUSE_FRACTION),
             key=lambda m: -self.saturated_fractions[m],
         )
-        n = len(self.log_grad)
+        n = self.grad_rows
         if n:
             layers, deficit = self.vanishing_profile(slice(max(0, n - F.window_length(n, 0.25, 5, 2000)), None))
             starved = [(d, layer) for layer, d in zip(layers, deficit, strict=True) if np.isfinite(d) and d >= VANISHING_CAUSE_DECADES]
@@ -729,8 +760,8 @@ class RunFacts:
     def weights_rms_per_layer(self) -> dict[str, float]:
         if "weight_norm" not in self.run.metrics:
             return {}
-        frame = self.run.metric("weight_norm")
-        first = frame.iloc[0] if len(frame) else pd.Series(dtype=float)
+        values, layers = self.run.metric_array("weight_norm", rows=slice(0, 1))
+        first = dict(zip(layers, values[0], strict=True)) if len(values) else {}
         out = {}
         for layer in self.weight_layers:
             info = self.run.modules.get(layer)

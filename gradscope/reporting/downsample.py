@@ -160,9 +160,11 @@ def bucket_matrix(steps: np.ndarray, matrix: np.ndarray, max_buckets: int = 600,
 
     ``missing`` (same shape, bool) flags entries that were not recorded (as opposed to recorded
     as NaN); by default every entry counts as recorded, so a NaN is a non-finite event.
+    ``matrix`` may be float32 (a run's stored values): columns are taken a few at a time, so the
+    float64 temporaries stay small for a 100,000-step run.
     """
     steps = np.asarray(steps)
-    matrix = np.asarray(matrix, dtype=np.float64)
+    matrix = np.asarray(matrix)
     n, c = matrix.shape
     if n == 0:
         empty = np.zeros((0, c))
@@ -170,12 +172,21 @@ def bucket_matrix(steps: np.ndarray, matrix: np.ndarray, max_buckets: int = 600,
         return BucketedMatrix(none, none, empty, empty, empty.astype(np.int64), empty.astype(np.int64))
     starts = bucket_starts(n, max_buckets)
     ends = np.append(starts[1:], n) - 1
-    finite = np.isfinite(matrix)
-    recorded = ~missing if missing is not None else np.ones_like(finite)
-    lo = np.minimum.reduceat(np.where(finite, matrix, np.inf), starts, axis=0)
-    hi = np.maximum.reduceat(np.where(finite, matrix, -np.inf), starts, axis=0)
-    lo[~np.isfinite(lo)] = np.nan
-    hi[~np.isfinite(hi)] = np.nan
-    nonfinite = np.add.reduceat((~finite & recorded).astype(np.int64), starts, axis=0)
-    present = np.add.reduceat(recorded.astype(np.int64), starts, axis=0)
+    parts = []
+    width = max(1, _BLOCK_VALUES // n)
+    for first in range(0, max(c, 1), width):
+        block = np.asarray(matrix[:, first : first + width], dtype=np.float64)
+        finite = np.isfinite(block)
+        recorded = ~missing[:, first : first + width] if missing is not None else np.ones_like(finite)
+        lo = np.minimum.reduceat(np.where(finite, block, np.inf), starts, axis=0)
+        hi = np.maximum.reduceat(np.where(finite, block, -np.inf), starts, axis=0)
+        lo[~np.isfinite(lo)] = np.nan
+        hi[~np.isfinite(hi)] = np.nan
+        nonfinite = np.add.reduceat((~finite & recorded).astype(np.int64), starts, axis=0)
+        present = np.add.reduceat(recorded.astype(np.int64), starts, axis=0)
+        parts.append((lo, hi, nonfinite, present))
+    lo, hi, nonfinite, present = (np.concatenate(arrays, axis=1) for arrays in zip(*parts, strict=True))
     return BucketedMatrix(steps[starts], steps[ends], lo, hi, nonfinite, present)
+
+
+_BLOCK_VALUES = 1 << 20  # values per column block of bucket_matrix: 8 MB of float64 temporaries

@@ -238,17 +238,19 @@ def layer_heatmap(
 
     The maximum (not the mean) keeps a one-step explosion visible after bucketing; a vanishing
     layer stays dark because its maximum is small too. Non-finite values get their own overlay.
+    ``metric`` is a per-step one (its rows are :attr:`Run.steps`).
     """
     if metric not in run.metrics or run.n_steps == 0:
         return None
-    frame = run.metric(metric)
-    layers = [layer for layer in run.layers if layer in frame.columns]
-    if not layers or frame.empty:
+    values, names = run.metric_array(metric)  # float32: the buckets' min and max need no float64 copy of a long run
+    position = {name: i for i, name in enumerate(names)}
+    layers = [layer for layer in run.layers if layer in position]
+    if not layers or not len(values):
         return None
-    matrix = frame[layers].to_numpy(dtype=np.float64)
+    matrix = values if layers == names else values[:, [position[layer] for layer in layers]]
     if not np.isfinite(matrix).any() and (nan_is_missing or not np.isnan(matrix).any()):
         return None
-    steps = frame.index.to_numpy()
+    steps = run.steps
     buckets = bucket_matrix(steps, matrix, MAX_HEATMAP_BUCKETS, missing=np.isnan(matrix) if nan_is_missing else None)
 
     hi = buckets.hi  # (buckets, layers)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from gradscope.reporting import downsample
 from gradscope.reporting.downsample import bucket_matrix, bucket_starts, envelope, nonfinite_marks
 
 
@@ -110,3 +113,26 @@ def test_bucket_matrix_tells_missing_from_nonfinite() -> None:
     assert buckets.nonfinite.tolist() == [[1, 0]]
     assert buckets.present.tolist() == [[3, 1]]
     assert buckets.hi.tolist() == [[2.0, 3.0]]
+
+
+def test_bucket_matrix_of_float32_values_in_column_blocks_matches_a_direct_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run's stored float32 values, read a few columns at a time, as the report reads a long run.
+    monkeypatch.setattr(downsample, "_BLOCK_VALUES", 1000)  # 2 columns per block of 500 rows
+    rng = np.random.default_rng(1)
+    matrix = rng.lognormal(0, 3, (500, 9)).astype(np.float32)
+    matrix[rng.random(matrix.shape) < 0.1] = np.nan
+    matrix[rng.random(matrix.shape) < 0.05] = np.inf
+    missing = np.isnan(matrix) & (rng.random(matrix.shape) < 0.5)
+    buckets = bucket_matrix(np.arange(500), matrix, max_buckets=37, missing=missing)
+    starts = bucket_starts(500, 37)
+    ends = np.append(starts[1:], 500)
+    for b, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        block = matrix[s:e].astype(np.float64)
+        finite = np.where(np.isfinite(block), block, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+            np.testing.assert_array_equal(buckets.lo[b], np.nanmin(finite, axis=0))
+            np.testing.assert_array_equal(buckets.hi[b], np.nanmax(finite, axis=0))
+        np.testing.assert_array_equal(buckets.nonfinite[b], (~np.isfinite(block) & ~missing[s:e]).sum(axis=0))
+        np.testing.assert_array_equal(buckets.present[b], (~missing[s:e]).sum(axis=0))
+    assert buckets.lo.dtype == buckets.hi.dtype == np.float64

@@ -143,11 +143,10 @@ class NoGradient(Detector):
     @staticmethod
     def _onset(run: Run, params: list[str], kind: str) -> int:
         """First row from which the flagged parameters lacked a (non-zero) gradient until the end."""
-        all_values, names = run.metric_array("param_grad_missing" if kind == "missing" else "param_grad_norm")
+        values, names = run.metric_array("param_grad_missing" if kind == "missing" else "param_grad_norm")
         position = {p: i for i, p in enumerate(names)}
-        values = all_values[:, [position[p] for p in params]]
-        blocked = values > 0 if kind == "missing" else values == 0
-        starts = [F.last_sustained_start(blocked[:, j]) for j in range(blocked.shape[1])]
+        columns = (values[:, position[p]] for p in params)  # one at a time: no copy of every flagged parameter's series
+        starts = [F.last_sustained_start(column > 0 if kind == "missing" else column == 0) for column in columns]
         known = [s for s in starts if s is not None]
         return min(known) if known else 0
 

@@ -48,15 +48,18 @@ class NoUpdate(Detector):
         cfg = self.config
         if run.n_steps < cfg.min_steps or "update_norm" not in run.metrics or "grad_norm" not in run.metrics:
             return
-        upd = run.metric("update_norm")
-        grad = run.metric("grad_norm").reindex(columns=upd.columns)
-        u = upd.to_numpy(dtype=np.float64)
-        g = grad.to_numpy(dtype=np.float64)
+        # The stored float32 arrays, not float64 frames: the tests below give the same answer on both.
+        u, upd_layers = run.metric_array("update_norm")
+        grad, grad_layers = run.metric_array("grad_norm")
+        g = grad
+        if grad_layers != upd_layers:
+            position = {layer: i for i, layer in enumerate(grad_layers)}
+            g = np.stack([grad[:, position[layer]] if layer in position else np.full(len(grad), np.nan, np.float32) for layer in upd_layers], axis=1)
         measured = np.isfinite(u) & np.isfinite(g) & (g > 0)
         counts = measured.sum(axis=0)
         frozen = (u == 0) & measured
         share = np.divide(frozen.sum(axis=0), counts, out=np.zeros(u.shape[1]), where=counts > 0)
-        layers = [str(c) for c, s, k in zip(upd.columns, share, counts, strict=True) if k >= cfg.min_steps and s >= cfg.share]
+        layers = [c for c, s, k in zip(upd_layers, share, counts, strict=True) if k >= cfg.min_steps and s >= cfg.share]
         not_in_opt = list(run.meta.get("params_not_in_optimizer") or [])
         if not layers:
             return

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from gradscope.detect import advice as A
 from gradscope.detect import functional as F
@@ -68,16 +67,18 @@ class NonFinite(Detector):
         loss_bad = ~np.isfinite(loss) if lv.recorded else np.zeros(n, dtype=bool)
         grad = np.asarray(run.grad_norm, dtype=np.float64)
         grad_bad = ~np.isfinite(grad) & _present(run, "global_grad_norm", n)
+        # The per-layer flags are read as the stored float32 arrays: a long run's float64 frames of
+        # them would be the largest allocation of the whole diagnosis. (NaN, not recorded, is not > 0.)
         if "grad_nonfinite" in run.metrics:
-            grad_bad |= (run.metric("grad_nonfinite").fillna(0).to_numpy() > 0).any(axis=1)
+            grad_bad |= (run.metric_array("grad_nonfinite")[0] > 0).any(axis=1)
         weight_bad: np.ndarray = np.zeros(n, dtype=bool)
         if "weight_norm" in run.metrics:
             # NaN there also means "not measured" (a skipped optimizer step); only Inf is certain.
-            weight_bad = np.isinf(run.metric("weight_norm").to_numpy(dtype=np.float64)).any(axis=1)
+            weight_bad = np.isinf(run.metric_array("weight_norm")[0]).any(axis=1)
         f = A.facts(run)
-        out = _outputs(run, f.order)
+        outputs_bad, cols = _outputs_bad(run, f.order)
         input_col = run.input_layer
-        out_bad = out.to_numpy() > 0 if not out.empty else np.zeros((n, 0), dtype=bool)
+        out_bad = outputs_bad
         if out_bad.size and not loss_bad[0] and not grad_bad[0]:
             # A module whose output holds ±Inf from the first step on while the loss and the gradients
             # are finite does it by design (attention scores masked with -inf): not a failure.
@@ -91,7 +92,6 @@ class NonFinite(Detector):
         s0 = step_at(run, i0)
 
         # --- where it began
-        cols = list(out.columns)
         first_modules = [cols[j] for j in np.flatnonzero(out_bad[i0])] if out_bad.size else []
         input_first = input_col in first_modules
         module_first = [m for m in first_modules if m != input_col]
@@ -109,7 +109,7 @@ class NonFinite(Detector):
         skipped_after_start = int(skipped_only[leading:].sum())
         skipped_fraction = skipped_after_start / max(n - leading, 1)
         hard_events = len(F.runs_of_true(hard))
-        input_bad_rows = np.asarray(out[input_col].to_numpy() > 0 if input_col in out.columns else np.zeros(n), dtype=bool)
+        input_bad_rows = outputs_bad[:, cols.index(input_col)] if input_col in cols else np.zeros(n, dtype=bool)
 
         if ends_hard or (end_run >= cfg.persistent_skips):
             severity = Severity.ERROR
@@ -192,9 +192,9 @@ class NonFinite(Detector):
             return True, growth
         # No history (the first steps): an update that moved weights by ≥ 30% of their norm blew them up.
         if i0 < 5:
-            ur = A.facts(run).update_ratio
+            ur = A.facts(run).update_ratio(slice(0, i0))
             if not ur.empty and i0 > 0:
-                prior = ur.iloc[:i0].to_numpy(dtype=np.float64)
+                prior = ur.to_numpy(dtype=np.float64)
                 prior = prior[np.isfinite(prior)]
                 if prior.size and prior.max() >= A.HIGH_UPDATE_RATIO:
                     return True, growth
@@ -321,23 +321,25 @@ def _present(run: Run, metric: str, n: int) -> np.ndarray:
     return np.full(n, metric in run.metrics, dtype=bool)
 
 
-def _outputs(run: Run, order: list[str]) -> pd.DataFrame:
-    """steps × modules: 1 where the module's output held NaN/Inf; columns in forward order, input first."""
+def _outputs_bad(run: Run, order: list[str]) -> tuple[np.ndarray, list[str]]:
+    """steps × modules, True where the module's output held NaN/Inf, and the modules: in forward
+    order, input first."""
     if OUTPUT_NONFINITE not in run.metrics:
-        return pd.DataFrame()
-    frame = run.metric(OUTPUT_NONFINITE).fillna(0)
-    columns = [run.input_layer] if run.input_layer in frame.columns else []
-    columns += [m for m in order if m in frame.columns and m != run.input_layer]
-    columns += [c for c in frame.columns if c not in set(columns)]
-    return frame[columns]
+        return np.zeros((run.n_steps, 0), dtype=bool), []
+    values, names = run.metric_array(OUTPUT_NONFINITE)
+    columns = [run.input_layer] if run.input_layer in names else []
+    columns += [m for m in order if m in names and m != run.input_layer]
+    columns += [c for c in names if c not in set(columns)]
+    position = {name: i for i, name in enumerate(names)}
+    return (values > 0)[:, [position[c] for c in columns]], columns
 
 
 def _grad_bad_layers(run: Run, row: int) -> list[str]:
     """Layers with a non-finite gradient at ``row``, output side first (backward reaches it first)."""
     if "grad_nonfinite" not in run.metrics or row >= run.n_steps:
         return []
-    frame = run.metric("grad_nonfinite")
-    bad = [str(c) for c, v in frame.iloc[row].items() if np.isfinite(v) and v > 0]
+    values, names = run.metric_array("grad_nonfinite")
+    bad = [c for c, v in zip(names, values[row], strict=True) if np.isfinite(v) and v > 0]
     order = {layer: i for i, layer in enumerate(run.layers)}
     return sorted(bad, key=lambda layer: -order.get(layer, -1))
 

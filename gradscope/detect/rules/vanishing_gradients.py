@@ -49,11 +49,13 @@ class VanishingGradients(Detector):
     def check(self, run: Run) -> Iterator[Finding]:
         cfg = self.config
         f = A.facts(run)
-        lg = f.log_grad
-        if lg.empty or lg.shape[1] < 2 or len(lg) < 2:
+        n = f.grad_rows
+        if n < 2:
             return
-        n = len(lg)
         w = F.window_length(n, cfg.window_fraction, 5, 2000)
+        recent = f.log_grad(slice(n - w, None))
+        if recent.shape[1] < 2:
+            return
         layers, deficit = f.vanishing_profile(slice(n - w, None))
         if not deficit.size or not np.isfinite(deficit).any() or np.nanmax(deficit) < cfg.min_decades:
             return
@@ -61,18 +63,14 @@ class VanishingGradients(Detector):
         starved = [layers[i] for i in np.argsort(-np.nan_to_num(deficit, nan=-np.inf)) if np.isfinite(deficit[i]) and deficit[i] >= cfg.min_decades]
         # The best-fed layer after the most starved one: what it is compared with.
         worst_i = int(np.nanargmax(deficit))
-        profile = lg.iloc[n - w :].median(skipna=True).to_numpy(dtype=np.float64)
+        profile = recent.median(skipna=True).to_numpy(dtype=np.float64)
         after = profile[worst_i + 1 :]
         ref_i = worst_i + 1 + int(np.nanargmax(after)) if np.isfinite(after).any() else worst_i
         reference = layers[ref_i]
-        # Date the onset on per-step deficits.
-        values = lg.to_numpy(dtype=np.float64)
-        clean = np.where(np.isfinite(values), values, -np.inf)
-        suffix = np.maximum.accumulate(clean[:, ::-1], axis=1)[:, ::-1]
-        after_max = np.concatenate([suffix[:, 1:], np.full((n, 1), -np.inf)], axis=1)
-        with np.errstate(invalid="ignore"):
-            per_step = np.where(np.isfinite(values) & np.isfinite(after_max), after_max - values, np.nan)
-        step_max = np.nanmax(np.where(np.isfinite(per_step), per_step, -np.inf), axis=1)
+        # Date the onset on per-step deficits (row by row, so a long run goes in blocks of rows).
+        step_max = np.concatenate(
+            [_worst_deficit(f.log_grad(slice(start, start + A.BLOCK_ROWS)).to_numpy(dtype=np.float64)) for start in range(0, n, A.BLOCK_ROWS)]
+        )
         onset = F.first_sustained(step_max >= cfg.min_decades, cfg.min_steps)
         step = step_at(run, onset if onset is not None else n - w)
 
@@ -94,7 +92,7 @@ class VanishingGradients(Detector):
             "grad_norm_reference": grad_ref,
             "starved_layers": len(starved),
             "init_gain_decades": f.init_gain,
-            "update_ratio_starved": F.nan_median(f.update_ratio[starved[0]].to_numpy()) if starved[0] in f.update_ratio else float("nan"),
+            "update_ratio_starved": F.nan_median(f.update_ratio_of(starved[0])) if starved[0] in f.update_ratio(slice(0, 0)) else float("nan"),
         }
         causes = A.likely_causes(f, step=step)
         extra = [
@@ -115,3 +113,15 @@ class VanishingGradients(Detector):
             evidence=evidence,
             fixes=A.ranked_fixes([c.fix for c in causes], [A.normalization_fix(f)], extra),
         )
+
+
+def _worst_deficit(log_grad: np.ndarray) -> np.ndarray:
+    """Per row of a ``rows × layers`` log10 gradient norm (layers in forward order): the most decades
+    any layer lies below the best-fed layer after it (``-inf`` when no pair is finite)."""
+    clean = np.where(np.isfinite(log_grad), log_grad, -np.inf)
+    suffix = np.maximum.accumulate(clean[:, ::-1], axis=1)[:, ::-1]
+    after_max = np.concatenate([suffix[:, 1:], np.full((len(log_grad), 1), -np.inf)], axis=1)
+    with np.errstate(invalid="ignore"):
+        per_step = np.where(np.isfinite(log_grad) & np.isfinite(after_max), after_max - log_grad, np.nan)
+    worst: np.ndarray = np.nanmax(np.where(np.isfinite(per_step), per_step, -np.inf), axis=1)
+    return worst
