@@ -576,11 +576,15 @@ class Monitor:
             return
         if self._step == 0 and index < self._n_watched and index not in self._call_order:
             self._call_order.append(index)  # forward order is taken from step 0 only
-        x = x.detach()
         if self._sampling:
-            observed = stats.observe(x, self._bounded[index], units=index < self._n_watched, scratch=self._scratch)
-            previous_obs = self._observed.get(index)
-            self._observed[index] = observed if previous_obs is None else stats.combine(previous_obs, observed)
+            grad_was_enabled = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)  # no autograd graph for statistics; cheaper than x.detach()
+            try:
+                observed = stats.observe(x, self._bounded[index], units=index < self._n_watched, scratch=self._scratch)
+                previous_obs = self._observed.get(index)
+                self._observed[index] = observed if previous_obs is None else stats.combine(previous_obs, observed)
+            finally:
+                torch._C._set_grad_enabled(grad_was_enabled)
         else:
             self._sentinel[index] = _add_sum(self._sentinel.get(index), x)
 
@@ -800,13 +804,11 @@ class Monitor:
         parts: list[torch.Tensor] = []
         for index in range(self._n_watched + 1):
             observed = self._observed.get(index)
-            if observed is None:
-                parts += self._nan_parts
-                self._act_counts[k, index] = np.nan
-            else:
-                parts += observed.finished()
-                self._act_counts[k, index] = (observed.n, observed.units, observed.saturation_denominator)
+            parts += self._nan_parts if observed is None else observed.finished()
         self._write(parts, self._act_rows[k])  # every module's statistics of the step in one write
+        # the host-known counts of the modules that ran, in one assignment (the others stay NaN)
+        ran = list(self._observed)
+        self._act_counts[k, ran] = [(o.n, o.units, o.saturation_denominator) for o in self._observed.values()]
         self._act_steps.append(step)
         return True
 

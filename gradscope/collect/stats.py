@@ -104,7 +104,9 @@ class Observed:
 
     def finished(self) -> list[torch.Tensor]:
         """The parts in order, once :func:`finish_units` has filled them in."""
-        return [_part(self.parts, i) for i in range(N_ACT_PARTS)]
+        if any(part is None for part in self.parts):
+            raise RuntimeError("activation parts are not computed yet: call finish_units() first")
+        return self.parts  # type: ignore[return-value]  # no None left, checked above
 
 
 class Scratch:
