@@ -74,21 +74,33 @@ def write_long_run(path: Path, steps: int, n_layers: int = 50, chunk: int = 1000
         mon = gradscope.Monitor(model, log_dir=path, overwrite=True, on_finding=None)
         mon.step(torch.tensor(1.0))  # writes the header and forward order
         writer = mon._writer
-        n_step_cols = len(_columns(writer.conn, schema.STEP_STREAM))
+        step_cols = _columns(writer.conn, schema.STEP_STREAM)
+        n_step_cols = len(step_cols)
         n_fwd_cols = len(_columns(writer.conn, schema.FORWARD_STREAM))
+        metric = np.array([m for _, m in step_cols])
+        flags = np.isin(metric, list(_FLAGS))  # 0: a healthy run has no missing or non-finite values
+        on_updates = np.isin(metric, list(_ON_UPDATES))  # measured every update_every steps, NaN between
+        update_every = mon.update_every
         decay = np.geomspace(2.3, 0.05, steps)
         for start in range(1, steps, chunk):
             stop = min(start + chunk, steps)
             n = stop - start
             data = rng.lognormal(-2, 0.3, size=(n, n_step_cols)).astype(np.float32)
             data[:, 0] = decay[start:stop] * rng.lognormal(0, 0.1, n)
+            data[:, flags] = 0.0
+            data[np.ix_(np.arange(start, stop) % update_every != 0, on_updates)] = np.nan
             writer.append(schema.STEP_STREAM, np.arange(start, stop), data)
-            sampled = np.arange(start, stop)[np.arange(start, stop) % 50 == 0]  # the default activation_every
-            writer.append(schema.FORWARD_STREAM, sampled, rng.uniform(0, 1, size=(len(sampled), n_fwd_cols)).astype(np.float32))
+            act_steps = np.arange(start, stop)[np.arange(start, stop) % 50 == 0]  # the default activation_every
+            writer.append(schema.FORWARD_STREAM, act_steps, rng.uniform(0, 1, size=(len(act_steps), n_fwd_cols)).astype(np.float32))
         mon._step = steps
         mon._base = steps
         mon.close()
     return n_layers
+
+
+# Step-stream metrics that are 0/1 flags, and those measured only every update_every steps.
+_FLAGS = {"grad_nonfinite", "grad_missing", "param_grad_missing", "output_nonfinite", "optimizer_skipped"}
+_ON_UPDATES = {"weight_norm", "update_norm", "param_weight_norm", "param_update_norm"}
 
 
 def _columns(conn: object, stream: str) -> list[tuple[str, str]]:
