@@ -4,7 +4,10 @@ For each workload, identical copies of the model train in interleaved blocks of 
 hand-written floor (one batched ``torch._foreach_norm`` of all gradients and one host copy per step),
 gradscope's default configuration, and gradscope collecting everything every step — so machine
 drift cancels. The table gives the median per-step time ratio to the bare loop with its min–max
-spread over block pairs. Run:  python -m benchmarks.overhead [--blocks 30] [--quick]
+spread over block pairs. ``--references`` adds two common hand-written ways of watching gradients,
+for comparison: a norm and an ``.item()`` per parameter per step, and a 64-bin histogram of every
+gradient per step copied to the host (the computation of histogram logging, without its writes).
+Run:  python -m benchmarks.overhead [--blocks 30] [--quick] [--references]
 """
 
 from __future__ import annotations
@@ -113,6 +116,12 @@ class _Loop:
             elif self.variant == "floor":
                 norms = torch.stack(torch._foreach_norm([p.grad for p in self.params if p.grad is not None]))
                 self.sink += float(norms.sum())  # the one host sync per step
+            elif self.variant == "per_param_item":
+                self.sink += sum(p.grad.norm().item() for p in self.params if p.grad is not None)
+            elif self.variant == "histograms":
+                for p in self.params:
+                    if p.grad is not None:
+                        self.sink += float(torch.histc(p.grad, bins=64).cpu()[0])
             self.opt.step()
         return (time.perf_counter() - start) / steps
 
@@ -122,6 +131,14 @@ class _Loop:
 
 
 VARIANTS = ("bare", "floor", "default", "everything")
+REFERENCES = ("per_param_item", "histograms")  # hand-written alternatives, with --references
+_HEADERS = {
+    "floor": "hand-written floor",
+    "default": "gradscope default",
+    "everything": "gradscope everything",
+    "per_param_item": "norm + .item() per parameter",
+    "histograms": "histogram of every gradient",
+}
 
 
 @dataclass(frozen=True)
@@ -131,21 +148,23 @@ class Result:
     ratios: dict[str, tuple[float, float, float]]  # variant -> (median, min, max)
 
 
-def measure(workload: Workload, *, blocks: int, steps_per_block: int, warmup: int) -> Result:
+def measure(
+    workload: Workload, *, blocks: int, steps_per_block: int, warmup: int, variants: tuple[str, ...] = VARIANTS
+) -> Result:
     with tempfile.TemporaryDirectory() as tmp, _quiet():
-        loops = {v: _Loop(workload, v, Path(tmp)) for v in VARIANTS}
+        loops = {v: _Loop(workload, v, Path(tmp)) for v in variants}
         g = torch.Generator().manual_seed(0)
         for loop in loops.values():
             loop.run(warmup, g)
-        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for block in range(blocks):
-            order = VARIANTS if block % 2 == 0 else tuple(reversed(VARIANTS))  # cancel order effects
+            order = variants if block % 2 == 0 else tuple(reversed(variants))  # cancel order effects
             for v in order:
                 times[v].append(loops[v].run(steps_per_block, g))
         for loop in loops.values():
             loop.close()
     ratios = {}
-    for v in VARIANTS[1:]:
+    for v in variants[1:]:
         per_block = [t / b for t, b in zip(times[v], times["bare"], strict=True)]
         ratios[v] = (statistics.median(per_block), min(per_block), max(per_block))
     return Result(workload.name, statistics.median(times["bare"]) * 1e3, ratios)
@@ -161,10 +180,13 @@ def _quiet() -> Iterator[None]:
 
 
 def render(results: list[Result]) -> str:
-    header = "| workload | bare ms/step | hand-written floor | gradscope default | gradscope everything |"
-    lines = [header, "|---|---|---|---|---|"]
+    variants = list(results[0].ratios) if results else []
+    lines = [
+        "| workload | bare ms/step | " + " | ".join(_HEADERS[v] for v in variants) + " |",
+        "|---|---|" + "---|" * len(variants),
+    ]
     for r in results:
-        cells = [f"{m:.3f}× ({lo:.2f}–{hi:.2f})" for m, lo, hi in (r.ratios[v] for v in VARIANTS[1:])]
+        cells = [f"{m:.3f}× ({lo:.2f}–{hi:.2f})" for m, lo, hi in (r.ratios[v] for v in variants)]
         lines.append(f"| {r.workload} | {r.bare_ms:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -175,14 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="steps per block")
     parser.add_argument("--quick", action="store_true", help="a short run for regression checks")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--references", action="store_true", help="also time two common hand-written gradient monitors")
     args = parser.parse_args(argv)
+    variants = VARIANTS + REFERENCES if args.references else VARIANTS
     torch.set_num_threads(args.threads)
     blocks, steps = (6, 20) if args.quick else (args.blocks, args.steps)
     print(f"# gradscope overhead — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), {blocks} blocks × {steps} steps, {time.strftime('%Y-%m-%d')}")
     results = []
     for workload in WORKLOADS:
-        results.append(measure(workload, blocks=blocks, steps_per_block=steps, warmup=steps))
+        results.append(measure(workload, blocks=blocks, steps_per_block=steps, warmup=steps, variants=variants))
         print(f"  measured {workload.name}", flush=True)
     print(render(results))
     return 0
