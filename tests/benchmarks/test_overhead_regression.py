@@ -19,3 +19,13 @@ def test_the_default_and_everything_settings_stay_near_a_bare_loop() -> None:
     assert default < 1.6, f"default costs {default:.2f}× a bare loop (published: ~1.2×)"
     assert everything < 2.5, f"activation statistics every step cost {everything:.2f}× (published: ~1.5×)"
     assert default < everything + 0.1  # sampling every 50 steps is cheaper than every step
+
+
+def test_the_hand_written_references_are_timed_and_shown_beside_gradscope() -> None:
+    variants = overhead.VARIANTS + overhead.REFERENCES
+    result = overhead.measure(overhead.WORKLOADS[0], blocks=2, steps_per_block=5, warmup=5, variants=variants)
+    assert set(result.ratios) == set(variants[1:])
+    assert all(median > 0 and lo <= median <= hi for median, lo, hi in result.ratios.values())
+    header = overhead.render([result]).splitlines()[0]
+    assert header.count("|") == len(variants) + 2
+    assert "histogram of every gradient" in header and "norm + .item() per parameter" in header
