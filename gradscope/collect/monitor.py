@@ -220,6 +220,7 @@ class Monitor:
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
         self._host_modules_checked = np.zeros(rows, dtype=bool)  # module outputs were checked on that step
         self._io_unchecked: list[int] = []  # rows whose input batch and output were not checked
+        self._loss_missing: list[int] = []  # rows whose step() got no loss: their NaN is no NaN loss
         # Activation statistics: one row per sampled step, watched modules + input.
         act_rows = self.flush_every // max(self.activation_every, 1) + 2
         self._act_buf = torch.full((act_rows, n_watched + 1, stats.N_ACT_PARTS), math.nan, device=self._device)
@@ -299,7 +300,10 @@ class Monitor:
         """Record one optimizer step. Call once per ``optimizer.step()``, after ``backward()``.
 
         ``loss`` is a scalar tensor or a number (with gradient accumulation: the step's total or mean
-        loss). No device-to-host copy happens here except every ``flush_every`` steps.
+        loss), or ``None`` when the step has none to give: it is then stored as NaN and marked in
+        ``loss_missing``, so it is not read as a NaN loss. No device-to-host copy happens here except
+        every ``flush_every`` steps (on CPU, the loss is read to decide whether to check the input
+        batch and the output: see ``check_outputs``).
         """
         if self._closed:
             raise InvalidInputError("step() called after the Monitor was closed; create a new Monitor for a new run")
@@ -436,7 +440,8 @@ class Monitor:
                 "user": metadata or {},
             }
         )
-        run_cols = [(schema.RUN_LAYER, "loss"), (schema.RUN_LAYER, "global_grad_norm")]
+        # loss_missing: 1 on the steps whose step() got no loss, so that their NaN does not read as a NaN loss
+        run_cols = [(schema.RUN_LAYER, "loss"), (schema.RUN_LAYER, "loss_missing"), (schema.RUN_LAYER, "global_grad_norm")]
         run_cols += [(schema.RUN_LAYER, f"lr.{g}") for g in range(self._n_groups)]
         if optimizer is not None:
             run_cols.append((schema.RUN_LAYER, "optimizer_skipped"))
@@ -674,7 +679,9 @@ class Monitor:
             self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
         if step == 0:
             self._record_forward_order()
-        if not self._loss_given and loss is not None:
+        if loss is None:
+            self._loss_missing.append(row)
+        elif not self._loss_given:
             self._loss_given = True  # tells a NaN loss apart from "no loss passed to step()"
             self._writer.set_meta({"loss_given": True})
         if self._observed or self._sentinel:
@@ -848,6 +855,8 @@ class Monitor:
         if n <= 0:
             return
         self._write_step_values()
+        loss_given = np.ones(n, dtype=bool)
+        loss_given[[row for row in self._loss_missing if row < n]] = False
         k = len(self._act_steps)
         counts = self._act_counts[:k]
         if self._dist is None:
@@ -858,7 +867,7 @@ class Monitor:
         else:
             host, parts, counts, per_rank = self._combine_ranks(n, k)
         if self._dist is None or self._dist.is_writer:
-            step_columns = self._derive_step_columns(host, n, self._base, per_rank)
+            step_columns = self._derive_step_columns(host, n, self._base, per_rank, loss_given)
             chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), step_columns)]
             if k:
                 act = stats.finish_on_host(parts, counts)  # (k, watched+1, metrics)
@@ -883,11 +892,12 @@ class Monitor:
         self._host_modules_checked[0] = self._host_modules_checked[n]
         self._host_modules_checked[1:] = False
         self._io_unchecked = [row - n for row in self._io_unchecked if row >= n]
+        self._loss_missing = [row - n for row in self._loss_missing if row >= n]
         self._base = upto
         self._flush_deadline = self._next_flush_deadline()
         self._time_steps()
         live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
-        if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host)):
+        if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host, loss_given)):
             self._detect_live()
 
     def _write_step_values(self) -> None:
@@ -937,7 +947,7 @@ class Monitor:
         return host, parts, counts_all, per_rank
 
     def _derive_step_columns(
-        self, host: np.ndarray, n: int, first_step: int, per_rank: np.ndarray | None = None
+        self, host: np.ndarray, n: int, first_step: int, per_rank: np.ndarray | None = None, loss_given: np.ndarray | None = None
     ) -> np.ndarray:
         """Device columns (per parameter) → stored columns (run, per layer, per parameter, sentinel)."""
         p = self._n_params
@@ -983,6 +993,7 @@ class Monitor:
         return np.concatenate(
             [
                 host[:, :1],
+                (~loss_given if loss_given is not None else np.zeros(n, dtype=bool)).astype(np.float64)[:, None],
                 global_norm[:, None],
                 lr,
                 layer_grad,
@@ -1014,11 +1025,12 @@ class Monitor:
             self._step_seconds = float(np.partition(periods, middle)[middle])  # a median, at a third of np.median's cost
         self._step_clock = clock[-1:]
 
-    def _new_nonfinite(self, host: np.ndarray) -> bool:
+    def _new_nonfinite(self, host: np.ndarray, loss_given: np.ndarray) -> bool:
+        """Whether this flush holds the run's first NaN/Inf loss or gradient norm (a step given no
+        loss holds a NaN placeholder, not a NaN loss)."""
         if self._nonfinite_flushed:
             return False
-        first = 0 if self._loss_given else 1  # no loss passed: its column holds NaN placeholders
-        bad = not np.isfinite(host[:, first : self._c_io]).all()  # the loss or a gradient norm
+        bad = not np.isfinite(host[:, self._c_grad : self._c_io]).all() or not np.isfinite(host[loss_given, 0]).all()
         self._nonfinite_flushed = bad
         return bad
 

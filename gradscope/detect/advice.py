@@ -177,6 +177,10 @@ class LossView:
         self.values, self.is_log = F.transform_loss(self.raw)
         self.finite = np.isfinite(self.values)
         self.finite_rows = np.flatnonzero(self.finite)
+        # Steps whose step() got a loss. The others hold a NaN placeholder, not a NaN loss. Runs
+        # from before the loss_missing column count every step as given.
+        missing = run.scalar("loss_missing") if "loss_missing" in run.metrics else np.zeros(self.raw.size)
+        self.given = ~(missing > 0)
 
     @cached_property
     def recorded(self) -> bool:
@@ -289,7 +293,8 @@ class LossView:
     @cached_property
     def nonfinite_now(self) -> bool:
         """The loss is NaN/Inf at the last recorded step."""
-        return bool(self.recorded and self.raw.size and not np.isfinite(self.raw[-1]))
+        given = self.raw[self.given]
+        return bool(self.recorded and given.size and not np.isfinite(given[-1]))
 
     @cached_property
     def suffers(self) -> bool:

@@ -248,3 +248,24 @@ def test_the_cpu_work_buffer_changes_no_statistic(make: Any) -> None:
         stats.finish_units([fresh, reused])
         torch.testing.assert_close(torch.stack(reused.finished()), torch.stack(fresh.finished()), equal_nan=True)
         torch.testing.assert_close(reused.unit_sumsq, fresh.unit_sumsq, equal_nan=True)
+
+
+def test_steps_given_no_loss_are_marked_and_read_as_no_nan_loss(quiet: dict[str, Any]) -> None:
+    """A loop that passes its loss only on some steps (say, when it logs): the others store a NaN
+    placeholder marked in ``loss_missing``, which diagnose does not read as a NaN loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    given = [step % 10 == 0 for step in range(120)]
+    with gradscope.Monitor(model, opt, **quiet) as mon:
+        for give in given:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.step(loss if give else None)
+            opt.step()
+        run = mon.run
+    np.testing.assert_array_equal(run.scalar("loss_missing"), [0.0 if g else 1.0 for g in given])
+    assert np.isfinite(run.loss[given]).all() and np.isnan(run.loss[~np.asarray(given)]).all()
+    assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}

@@ -21,14 +21,14 @@ from gradscope.detect import registry
 from gradscope.errors import InvalidInputError
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, mon: gradscope.Monitor, *, nan: bool = False) -> None:
+def _step(model: nn.Module, opt: torch.optim.Optimizer, mon: gradscope.Monitor, *, nan: bool = False, give_loss: bool = True) -> None:
     opt.zero_grad()
     x = torch.randn(8, 4)
     loss = model(x).pow(2).mean()
     if nan:
         loss = loss * math.nan
     loss.backward()
-    mon.step(loss)
+    mon.step(loss if give_loss else None)
     opt.step()
 
 
@@ -103,6 +103,18 @@ def test_the_first_nan_is_checked_at_the_next_write_whatever_the_budget(slow_det
         for step in range(60):
             _step(model, opt, mon, nan=step >= 33)
         assert slow_detection == [10, 40]  # the budget alone would allow no second run
+    assert [f.code for f in seen] == ["nonfinite"] and seen[0].step == 33
+
+
+def test_steps_given_no_loss_do_not_use_up_the_check_of_the_first_nan(slow_detection: list[int], tmp_path: Path) -> None:
+    """A step given no loss stores a NaN placeholder: it is not the run's first NaN, so the real one
+    later is still checked at the next write."""
+    model, opt = _model()
+    seen: list[Finding] = []
+    with gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=10, on_finding=seen.append) as mon:
+        for step in range(60):
+            _step(model, opt, mon, nan=step >= 33, give_loss=step % 5 == 0 or step >= 33)
+        assert slow_detection == [10, 40]
     assert [f.code for f in seen] == ["nonfinite"] and seen[0].step == 33
 
 

@@ -64,7 +64,7 @@ class NonFinite(Detector):
             return
         lv = loss_view(run)
         loss = lv.raw
-        loss_bad = ~np.isfinite(loss) if lv.recorded else np.zeros(n, dtype=bool)
+        loss_bad = ~np.isfinite(loss) & lv.given if lv.recorded else np.zeros(n, dtype=bool)
         grad = np.asarray(run.grad_norm, dtype=np.float64)
         grad_bad = ~np.isfinite(grad) & _present(run, "global_grad_norm", n)
         # The per-layer flags are read as the stored float32 arrays: a long run's float64 frames of
