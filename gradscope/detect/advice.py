@@ -665,19 +665,24 @@ class RunFacts:
 
     def vanishing_profile(self, rows: slice) -> tuple[list[str], np.ndarray]:
         """(layers, decades lost before each layer's best-fed successor) over these rows."""
-        lg = self.log_grad(rows)
-        if not self.grad_rows or lg.shape[1] == 0:
+        if not self.grad_rows:
             return [], np.zeros(0)
-        profile = lg.median(skipna=True).to_numpy(dtype=np.float64)
-        return list(lg.columns), F.depth_deficit(profile)
+        return vanishing_profile_of(self.log_grad(rows))
+
+    @cached_property
+    def recent_vanishing_profile(self) -> tuple[list[str], np.ndarray]:
+        """:meth:`vanishing_profile` over the last quarter of the run (5 to 2,000 steps), computed once:
+        the decades and the likely causes both read it, and a long run reads its gradients from file."""
+        n = self.grad_rows
+        if not n:
+            return [], np.zeros(0)
+        return self.vanishing_profile(slice(max(0, n - F.window_length(n, 0.25, 5, 2000)), None))
 
     @cached_property
     def vanishing_decades(self) -> float:
-        n = self.grad_rows
-        if not n:
+        if not self.grad_rows:
             return math.nan
-        rows = slice(max(0, n - F.window_length(n, 0.25, 5, 2000)), None)
-        _, deficit = self.vanishing_profile(rows)
+        _, deficit = self.recent_vanishing_profile
         return float(np.nanmax(deficit)) if deficit.size and np.isfinite(deficit).any() else math.nan
 
     @cached_property
@@ -752,9 +757,8 @@ class RunFacts:
             (m for m, v in self.saturated_fractions.items() if v >= SATURATED_CAUSE_FRACTION),
             key=lambda m: -self.saturated_fractions[m],
         )
-        n = self.grad_rows
-        if n:
-            layers, deficit = self.vanishing_profile(slice(max(0, n - F.window_length(n, 0.25, 5, 2000)), None))
+        if self.grad_rows:
+            layers, deficit = self.recent_vanishing_profile
             starved = [(d, layer) for layer, d in zip(layers, deficit, strict=True) if np.isfinite(d) and d >= VANISHING_CAUSE_DECADES]
             out += [layer for _, layer in sorted(starved, reverse=True)]
         layer_of = dict(zip(self.run.meta.get("params", []), self.run.meta.get("param_layers", []), strict=False))
@@ -790,6 +794,15 @@ class RunFacts:
             pick = lg[np.abs(lg - center) <= 3 * scale] if np.isfinite(center) else lg
         value = F.nan_percentile(pick, q)
         return float(10**value) if np.isfinite(value) else math.nan
+
+
+def vanishing_profile_of(log_grad: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    """(layers, decades lost before each layer's best-fed successor) of a ``rows × layers`` frame of
+    :meth:`RunFacts.log_grad`, from each layer's median."""
+    if log_grad.shape[1] == 0:
+        return [], np.zeros(0)
+    profile = log_grad.median(skipna=True).to_numpy(dtype=np.float64)
+    return list(log_grad.columns), F.depth_deficit(profile)
 
 
 def loss_view(run: Run) -> LossView:

@@ -56,7 +56,7 @@ class VanishingGradients(Detector):
         recent = f.log_grad(slice(n - w, None))
         if recent.shape[1] < 2:
             return
-        layers, deficit = f.vanishing_profile(slice(n - w, None))
+        layers, deficit = A.vanishing_profile_of(recent)
         if not deficit.size or not np.isfinite(deficit).any() or np.nanmax(deficit) < cfg.min_decades:
             return
         worst = float(np.nanmax(deficit))
