@@ -708,9 +708,7 @@ class Monitor:
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._io_sentinels(row, loss)]
-        if not self._single_device:
-            values = [v.to(self._device) for v in values]
-        self._step_values.append(torch.stack(values))  # the step's one device op besides the norms
+        self._step_values.append(torch.stack(self._on_buffer_device(values)))  # the step's one device op besides the norms
         self._step_value_rows.append(row)
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
@@ -724,11 +722,12 @@ class Monitor:
     def _write(self, values: list[torch.Tensor], out: torch.Tensor) -> None:
         """Stack 0-d values into a slice of a device buffer: one write, whatever device each value
         was computed on (parameters can be spread over devices)."""
-        if not values:
-            return
-        if not self._single_device:
-            values = [v.to(self._device) for v in values]
-        torch.stack(values, out=out)
+        if values:
+            torch.stack(self._on_buffer_device(values), out=out)
+
+    def _on_buffer_device(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The values on the buffers' device (parameters can be spread over devices)."""
+        return values if self._single_device else [v.to(self._device) for v in values]
 
     def _io_sentinels(self, row: int, loss: torch.Tensor | float | None) -> list[torch.Tensor]:
         """The NaN/Inf sentinels (sums) of the step's input batch and model output."""
@@ -855,8 +854,7 @@ class Monitor:
         if n <= 0:
             return
         self._write_step_values()
-        loss_given = np.ones(n, dtype=bool)
-        loss_given[[row for row in self._loss_missing if row < n]] = False
+        loss_given = ~_rows_mask(self._loss_missing, n)
         k = len(self._act_steps)
         counts = self._act_counts[:k]
         if self._dist is None:
@@ -891,8 +889,8 @@ class Monitor:
         self._host_missing[1:] = False
         self._host_modules_checked[0] = self._host_modules_checked[n]
         self._host_modules_checked[1:] = False
-        self._io_unchecked = [row - n for row in self._io_unchecked if row >= n]
-        self._loss_missing = [row - n for row in self._loss_missing if row >= n]
+        self._io_unchecked = _rows_after(self._io_unchecked, n)
+        self._loss_missing = _rows_after(self._loss_missing, n)
         self._base = upto
         self._flush_deadline = self._next_flush_deadline()
         self._time_steps()
@@ -947,7 +945,7 @@ class Monitor:
         return host, parts, counts_all, per_rank
 
     def _derive_step_columns(
-        self, host: np.ndarray, n: int, first_step: int, per_rank: np.ndarray | None = None, loss_given: np.ndarray | None = None
+        self, host: np.ndarray, n: int, first_step: int, per_rank: np.ndarray | None, loss_given: np.ndarray
     ) -> np.ndarray:
         """Device columns (per parameter) → stored columns (run, per layer, per parameter, sentinel)."""
         p = self._n_params
@@ -988,12 +986,11 @@ class Monitor:
         with np.errstate(invalid="ignore"):
             output_nonfinite = (~np.isfinite(sentinel)).astype(np.float64)
         output_nonfinite[~self._host_modules_checked[:n], : self._n_watched] = np.nan  # not checked
-        unchecked = np.asarray(self._io_unchecked, dtype=np.intp)
-        output_nonfinite[unchecked[unchecked < n], self._n_watched :] = np.nan
+        output_nonfinite[_rows_mask(self._io_unchecked, n), self._n_watched :] = np.nan
         return np.concatenate(
             [
                 host[:, :1],
-                (~loss_given if loss_given is not None else np.zeros(n, dtype=bool)).astype(np.float64)[:, None],
+                (~loss_given).astype(np.float64)[:, None],
                 global_norm[:, None],
                 lr,
                 layer_grad,
@@ -1182,6 +1179,18 @@ def _check_loss(loss: object) -> torch.Tensor | float | None:
     if isinstance(loss, (int, float, np.floating, np.integer)) and not isinstance(loss, bool):
         return float(loss)
     raise InvalidInputError(f"expected the loss as a scalar tensor or a number but got {type(loss).__name__}")
+
+
+def _rows_mask(rows: list[int], n: int) -> np.ndarray:
+    """(n,) bool: True at the listed buffer rows below ``n`` (the rows a flush writes)."""
+    mask = np.zeros(n, dtype=bool)
+    mask[[row for row in rows if row < n]] = True
+    return mask
+
+
+def _rows_after(rows: list[int], n: int) -> list[int]:
+    """The listed rows a flush of ``n`` rows leaves in the buffer, renumbered from 0 (they move up)."""
+    return [row - n for row in rows if row >= n]
 
 
 def _summable(x: torch.Tensor) -> bool:
