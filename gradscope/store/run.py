@@ -416,7 +416,7 @@ def load(path: str | os.PathLike[str] | Run, *, since_step: int | None = None) -
     while True:
         try:
             return _load_once(path, since_step)
-        except db.IncompleteRunError:
+        except (db.IncompleteRunError, RunNotFoundError):  # no file yet: a Monitor may be creating it
             if time.monotonic() > deadline or not db.being_created(path):
                 raise
             time.sleep(0.01)

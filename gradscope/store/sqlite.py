@@ -130,6 +130,9 @@ class RunWriter:
                 "give each run its own log_dir"
             ) from None
         self._lock_fd = lock_fd
+        # The lock file's time says when a writer last took the directory: until run.sqlite exists
+        # (and while an overwrite replaces it) that is how readers tell "being created" from "no run".
+        os.utime(lock_fd)
         db = log_dir / DB_NAME
         if db.exists():
             if not overwrite:
@@ -267,14 +270,22 @@ class IncompleteRunError(UnreadableRunError):
 
 
 def being_created(path: str | os.PathLike[str]) -> bool:
-    """Whether the run at ``path`` looks like one a Monitor started moments ago (see ``CREATION_WINDOW_S``)."""
+    """Whether the run at ``path`` looks like one a Monitor started moments ago (see
+    ``CREATION_WINDOW_S``): its file is that young, or there is no file yet but a Monitor took the
+    directory that recently (it is about to create the file, or is replacing an old run)."""
     p = Path(path)
     run_dir = p if p.is_dir() else p.parent
     try:
+        lock_age = time.time() - (run_dir / LOCK_NAME).stat().st_mtime
+    except OSError:
+        return False  # no Monitor ever wrote here
+    try:
         age = time.time() - (run_dir / DB_NAME).stat().st_mtime
+    except FileNotFoundError:
+        age = lock_age
     except OSError:
         return False
-    return (run_dir / LOCK_NAME).exists() and age < CREATION_WINDOW_S
+    return age < CREATION_WINDOW_S
 
 
 def connect_for_reading(path: str | os.PathLike[str]) -> tuple[sqlite3.Connection, Path]:
@@ -284,9 +295,7 @@ def connect_for_reading(path: str | os.PathLike[str]) -> tuple[sqlite3.Connectio
         raise RunNotFoundError(f"no run at {str(p)!r}: the path does not exist; pass the log_dir given to Monitor")
     db = p / DB_NAME if p.is_dir() else p
     if p.is_dir() and not db.exists():
-        raise RunNotFoundError(
-            f"no run at {str(p)!r}: the directory holds no {DB_NAME}; pass the log_dir given to Monitor"
-        )
+        raise RunNotFoundError(f"no run at {str(p)!r}: the directory holds no {DB_NAME}; pass the log_dir given to Monitor")
     try:
         with open(db, "rb") as f:
             header = f.read(16)

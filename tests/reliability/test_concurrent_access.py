@@ -200,13 +200,22 @@ def _header(writer: RunWriter) -> None:
     writer.set_meta({"modules": [], "layers": []})
 
 
-@pytest.mark.parametrize("stage", ["empty_file", "tables_without_header"])
+@pytest.mark.parametrize("stage", ["no_file_yet", "old_run_being_replaced", "empty_file", "tables_without_header"])
 def test_a_reader_arriving_while_a_run_is_created_waits_for_its_header(stage: str, tmp_path: Path) -> None:
-    """A Monitor creates run.sqlite, its tables and the model description in separate commits; a live
-    report started with the training can land in between. It waits for the header instead of
-    calling the run empty, corrupt or dead."""
+    """A Monitor takes the directory, creates run.sqlite (removing an old run first with
+    overwrite=True), its tables and the model description in separate steps; a live report started
+    with the training can land in between. It waits for the header instead of calling the run
+    missing, empty, corrupt or dead."""
     writers: list[RunWriter] = []
-    if stage == "empty_file":
+    if stage == "no_file_yet":
+        (tmp_path / LOCK_NAME).touch()  # the lock is taken; run.sqlite comes next
+        later = lambda: (writers.append(RunWriter(tmp_path)), _header(writers[-1]))  # noqa: E731
+    elif stage == "old_run_being_replaced":
+        RunWriter(tmp_path).close("complete")
+        (tmp_path / DB_NAME).unlink()  # what overwrite=True does before it creates the new file
+        os.utime(tmp_path / LOCK_NAME)
+        later = lambda: (writers.append(RunWriter(tmp_path)), _header(writers[-1]))  # noqa: E731
+    elif stage == "empty_file":
         (tmp_path / LOCK_NAME).touch()
         (tmp_path / DB_NAME).touch()  # what sqlite3.connect() leaves before its first write
         later = lambda: (writers.append(RunWriter(tmp_path, overwrite=True)), _header(writers[-1]))  # noqa: E731
@@ -225,6 +234,17 @@ def test_a_reader_arriving_while_a_run_is_created_waits_for_its_header(stage: st
             writer.close("complete")
     assert run.modules == {} and run.status == "running"
     assert waited >= 0.25  # it waited for the header (an upper bound would only measure machine load)
+
+
+def test_a_directory_a_monitor_left_long_ago_without_a_run_is_refused_at_once(tmp_path: Path) -> None:
+    RunWriter(tmp_path).close("complete")
+    (tmp_path / DB_NAME).unlink()  # the run was deleted; the lock file stays
+    an_hour_ago = time.time() - 3600
+    os.utime(tmp_path / LOCK_NAME, (an_hour_ago, an_hour_ago))
+    started = time.monotonic()
+    with pytest.raises(gradscope.RunNotFoundError, match=r"the directory holds no run\.sqlite"):
+        gradscope.load(tmp_path)
+    assert time.monotonic() - started < 0.5
 
 
 def test_an_incomplete_run_from_long_ago_is_refused_at_once(tmp_path: Path) -> None:
