@@ -244,7 +244,7 @@ class Monitor:
         self._nan_parts = [torch.full((), math.nan, device=self._device)] * stats.N_ACT_PARTS
         # each sampled step's row of the activation buffer, flat: all modules' parts in one stack
         self._act_rows = [self._act_buf[k].view(-1) for k in range(act_rows)]
-        self._single_device = all(p.device == self._device for p in layout.params)
+        self._single_device = all(p.device == self._device for p in layout.params)  # until a value is not (_stack)
         param_layer = np.asarray(layout.param_layer, dtype=np.int64)
         order = np.argsort(param_layer, kind="stable")
         starts = np.flatnonzero(np.r_[True, param_layer[order][1:] != param_layer[order][:-1]])
@@ -708,7 +708,7 @@ class Monitor:
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         values = [self._loss_tensor(loss), *self._gradient_norms(row), *self._io_sentinels(row, loss)]
-        self._step_values.append(torch.stack(self._on_buffer_device(values)))  # the step's one device op besides the norms
+        self._step_values.append(self._stack(values))  # the step's one device op besides the norms
         self._step_value_rows.append(row)
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
@@ -723,10 +723,22 @@ class Monitor:
         """Stack 0-d values into a slice of a device buffer: one write, whatever device each value
         was computed on (parameters can be spread over devices)."""
         if values:
-            torch.stack(self._on_buffer_device(values), out=out)
+            self._stack(values, out=out)
+
+    def _stack(self, values: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``torch.stack`` of 0-d values on the buffers' device, whatever device each was computed on."""
+        try:
+            return torch.stack(self._on_buffer_device(values)) if out is None else torch.stack(self._on_buffer_device(values), out=out)
+        except RuntimeError:
+            if not self._single_device:
+                raise
+            # The parameters share one device but a value does not: a loss moved to the CPU, or an
+            # input batch a model moves to its device inside forward(). Move values from now on.
+            self._single_device = False
+            return self._stack(values, out)
 
     def _on_buffer_device(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The values on the buffers' device (parameters can be spread over devices)."""
+        """The values on the buffers' device (parameters or inputs can be on other devices)."""
         return values if self._single_device else [v.to(self._device) for v in values]
 
     def _io_sentinels(self, row: int, loss: torch.Tensor | float | None) -> list[torch.Tensor]:

@@ -313,3 +313,40 @@ def test_monitoring_does_not_change_training(name: str, cases: Any, quiet: dict[
     assert finals[0].keys() == finals[1].keys()
     for key in finals[0]:
         assert torch.equal(finals[0][key], finals[1][key]), key
+
+
+# --------------------------------------------------------------------------- a loss on another device
+
+
+class _OnAnotherDevice(torch.Tensor):
+    """A loss that behaves like one on another device than the model (a GPU model's loss moved to
+    the CPU, or the reverse): ``torch.stack`` refuses it next to the model's values until it is
+    moved with ``.to()``. This machine has one device, so the mismatch is simulated."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.stack and any(type(t) is cls for t in args[0]):
+            raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices")
+        if func is torch.Tensor.to:
+            return args[0].as_subclass(torch.Tensor).clone()
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def test_a_loss_on_another_device_than_the_model_is_recorded_on_every_step(quiet: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    losses = []
+    with gradscope.Monitor(model, opt, flush_every=2, **quiet) as mon:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss.item())
+            mon.step(loss.detach().as_subclass(_OnAnotherDevice))
+            opt.step()
+    run = mon.run
+    assert run.n_steps == 5
+    np.testing.assert_allclose(run.loss, losses, rtol=1e-6)
