@@ -7,7 +7,10 @@ drift cancels. The table gives the median per-step time ratio to the bare loop w
 spread over block pairs. ``--references`` adds two common hand-written ways of watching gradients,
 for comparison: a norm and an ``.item()`` per parameter per step, and a 64-bin histogram of every
 gradient per step copied to the host (the computation of histogram logging, without its writes).
-Run:  python -m benchmarks.overhead [--blocks 30] [--quick] [--references]
+``--breakdown`` adds gradscope recording only what it records every step (no activation
+statistics, no update measurements, no live detection), which splits the default's cost into the
+per-step part and the sampled part.
+Run:  python -m benchmarks.overhead [--blocks 30] [--quick] [--references] [--breakdown]
 """
 
 from __future__ import annotations
@@ -101,6 +104,10 @@ class _Loop:
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "default")
         elif variant == "everything":
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "everything", activation_every=1)
+        elif variant == "per_step_only":
+            self.monitor = gradscope.Monitor(
+                self.model, self.opt, log_dir=log_root / "per_step_only", activation_every=0, update_every=0, on_finding=None
+            )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sink = 0.0
 
@@ -132,10 +139,12 @@ class _Loop:
 
 VARIANTS = ("bare", "floor", "default", "everything")
 REFERENCES = ("per_param_item", "histograms")  # hand-written alternatives, with --references
+BREAKDOWN = ("per_step_only",)  # the default's per-step part alone, with --breakdown
 _HEADERS = {
     "floor": "hand-written floor",
     "default": "gradscope default",
     "everything": "gradscope everything",
+    "per_step_only": "gradscope per-step part only",
     "per_param_item": "norm + .item() per parameter",
     "histograms": "histogram of every gradient",
 }
@@ -198,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run for regression checks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--references", action="store_true", help="also time two common hand-written gradient monitors")
+    parser.add_argument("--breakdown", action="store_true", help="also time gradscope's per-step recording alone")
     args = parser.parse_args(argv)
-    variants = VARIANTS + REFERENCES if args.references else VARIANTS
+    variants = VARIANTS + (BREAKDOWN if args.breakdown else ()) + (REFERENCES if args.references else ())
     torch.set_num_threads(args.threads)
     blocks, steps = (6, 20) if args.quick else (args.blocks, args.steps)
     print(f"# gradscope overhead — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
