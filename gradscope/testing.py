@@ -8,21 +8,28 @@ hold and get a ``Run`` exactly like one loaded from disk::
         grad_norm={"fc1": np.full(500, 0.5), "fc2": np.full(500, 0.4)},
         module_types={"fc1": "Linear", "act": "ReLU", "fc2": "Linear"},
     )
+
+and, to test what reads a run directory (the CLI, a CI step), write it where a Monitor would have::
+
+    save_run(run, "runs/exploding")  # then: gradscope check runs/exploding
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from gradscope.errors import InvalidInputError
 from gradscope.store import schema
 from gradscope.store.run import Run
-from gradscope.store.sqlite import SCHEMA_VERSION, Chunk
+from gradscope.store.sqlite import SCHEMA_VERSION, Chunk, RunWriter
 
-__all__ = ["synthetic_run"]
+__all__ = ["save_run", "synthetic_run"]
 
 ArrayLike = npt.ArrayLike
 
@@ -173,3 +180,30 @@ def synthetic_run(
         schema.FORWARD_STREAM: (act_columns, act_chunk),
     }
     return Run(full_meta, streams, events=[])
+
+
+def save_run(run: Run, log_dir: str | os.PathLike[str], *, rows_per_write: int | None = None) -> Path:
+    """Write ``run`` to ``log_dir`` as a :class:`~gradscope.Monitor` would have, and return the path.
+
+    ``rows_per_write`` splits each series into writes of that many rows, as a Monitor flushing
+    every ``rows_per_write`` steps does (default: one write). A run whose ``meta["status"]`` is
+    ``"running"`` is left as a writer that never closed leaves it, as after a crash.
+    Raises ``InvalidInputError`` if ``log_dir`` already holds a run or ``rows_per_write`` is not positive.
+    """
+    if rows_per_write is not None and (isinstance(rows_per_write, bool) or not isinstance(rows_per_write, int) or rows_per_write < 1):
+        raise InvalidInputError(f"expected rows_per_write to be an integer ≥ 1 but got {rows_per_write!r}")
+    writer = RunWriter(log_dir)
+    meta = dict(run.meta)
+    status = str(meta.pop("status", "complete"))
+    writer.set_meta(meta)
+    for stream in run._streams:
+        columns, steps, data = run._whole_stream(stream)
+        writer.define_stream(stream, columns)
+        size = rows_per_write or max(len(steps), 1)
+        writer.append_chunks((stream, steps[i : i + size], data[i : i + size]) for i in range(0, len(steps), size))
+    if status == "running":
+        writer.conn.close()  # no close(): the status stays "running"
+        writer._release_lock()
+    else:
+        writer.close(status)
+    return Path(log_dir)

@@ -290,6 +290,13 @@ class Run:
             self._cache.popitem(last=False)
         return cached if rows is None else cached[rows]
 
+    def _whole_stream(self, stream: str) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
+        """A stream's columns, steps and every value, ``(steps, columns)`` float32 (read from the file if not held)."""
+        columns, values = self._streams[stream]
+        if isinstance(values, db.Chunk):
+            return columns, values.steps, values.data
+        return columns, values.steps, self._read(values.rows, range(len(columns)), "every series")
+
     def _read(self, rows: db.StreamRows, cols: Sequence[int], what: str) -> np.ndarray:
         if self._file is None:
             raise RuntimeError(f"gradscope bug: {what} was not loaded, and the run has no file to read it from")
@@ -314,15 +321,15 @@ class Run:
         parameter's qualified name and metrics prefixed ``param_``.
         """
         parts = []
-        for columns, values in self._streams.values():
-            if not len(values.steps):
+        for stream in self._streams:
+            columns, steps, data = self._whole_stream(stream)
+            if not len(steps):
                 continue
-            n_rows, n_cols = len(values.steps), len(columns)
-            data = values.data if isinstance(values, db.Chunk) else self._read(values.rows, range(n_cols), "every series")
+            n_rows, n_cols = len(steps), len(columns)
             parts.append(
                 pd.DataFrame(
                     {
-                        "step": np.repeat(values.steps, n_cols),
+                        "step": np.repeat(steps, n_cols),
                         "layer": np.tile(np.array([c[0] for c in columns], dtype=object), n_rows),
                         "metric": np.tile(np.array([c[1] for c in columns], dtype=object), n_rows),
                         "value": data.reshape(-1).astype(np.float64),

@@ -4,9 +4,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from gs_cli_support import make_run, register, sample_findings, save_run, unregister
+from gs_cli_support import make_run, register, sample_findings, unregister
 
 from gradscope.findings import Finding
+from gradscope.testing import save_run
 
 
 @pytest.fixture

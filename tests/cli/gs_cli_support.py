@@ -9,14 +9,12 @@ built-in detectors cannot change their expected output.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from gradscope.detect.base import _REGISTRY, Detector
 from gradscope.findings import Finding, Fix
 from gradscope.store.run import Run
-from gradscope.store.sqlite import RunWriter
 from gradscope.testing import synthetic_run
 
 FAKE_CODE = "fake_problem"
@@ -80,19 +78,3 @@ def make_run(findings: Sequence[Finding] = (), *, status: str = "complete", n_st
     )
 
 
-def save_run(run: Run, log_dir: Path) -> Path:
-    """Write an in-memory run to a run directory, as the Monitor would have."""
-    writer = RunWriter(log_dir)
-    meta = dict(run.meta)
-    status = str(meta.pop("status", "complete"))
-    writer.set_meta(meta)
-    for stream, (columns, chunk) in run._streams.items():
-        writer.define_stream(stream, columns)
-        writer.append(stream, chunk.steps, chunk.data)
-    if status == "running":
-        # A writer that never closed: the status stays "running", as after a crash.
-        writer.conn.close()
-        writer._release_lock()
-    else:
-        writer.close(status)
-    return log_dir

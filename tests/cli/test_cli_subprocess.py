@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from gs_cli_support import FAKE_CODE, make_run, sample_findings, save_run
+from gs_cli_support import FAKE_CODE, make_run, sample_findings
 
 from gradscope import __version__
+from gradscope.testing import save_run
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden"

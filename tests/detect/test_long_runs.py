@@ -20,22 +20,9 @@ from gradscope.reporting import downsample
 from gradscope.reporting.figures import build_figures, figure_json
 from gradscope.store import run as run_module
 from gradscope.store.run import Run
-from gradscope.store.sqlite import RunWriter
-from gradscope.testing import synthetic_run
+from gradscope.testing import save_run, synthetic_run
 
 CHUNK_ROWS = 37  # an odd flush size: blocks and windows cross chunk boundaries
-
-
-def _save(run: Run, log_dir: Path) -> Path:
-    """``run`` written to ``log_dir`` as a Monitor flushing every ``CHUNK_ROWS`` steps writes it."""
-    writer = RunWriter(log_dir)
-    writer.set_meta({key: value for key, value in run.meta.items() if key != "status"})
-    for stream, (columns, chunk) in run._streams.items():
-        writer.define_stream(stream, columns)
-        starts = range(0, len(chunk.steps), CHUNK_ROWS)
-        writer.append_chunks((stream, chunk.steps[s : s + CHUNK_ROWS], chunk.data[s : s + CHUNK_ROWS]) for s in starts)
-    writer.close(str(run.meta.get("status", "complete")))
-    return log_dir
 
 
 def _diagnosis(path: Path) -> tuple[str, str]:
@@ -51,7 +38,7 @@ def test_a_run_read_lazily_in_small_blocks_gives_the_findings_and_figures_of_a_w
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     builders = {**synth.FAULTY, **synth.HEALTHY}
-    path = _save(builders[name](), tmp_path / name)
+    path = save_run(builders[name](), tmp_path / name, rows_per_write=CHUNK_ROWS)
     whole = _diagnosis(path)
     monkeypatch.setattr(run_module, "EAGER_STREAM_BYTES", 0)
     monkeypatch.setattr(run_module, "CACHE_BYTES", 1)

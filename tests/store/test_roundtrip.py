@@ -129,3 +129,26 @@ def test_metric_array_is_a_read_only_view_of_the_same_values(cases: Any, quiet: 
     assert np.shares_memory(grad, run.metric_array("param_grad_norm")[0])  # no copy per call
     with pytest.raises(gradscope.GradscopeError, match="expected one of the run's metrics"):
         run.metric_array("no_such_metric")
+
+
+def test_save_run_writes_a_run_that_loads_back_equal(cases: Any, quiet: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradscope.store import run as run_module
+    from gradscope.testing import save_run, synthetic_run
+
+    built = synthetic_run(np.linspace(2.0, 0.5, 50), grad_norm={"fc1": np.linspace(1.0, 0.1, 50)}, meta={"user": {"seed": 3}})
+    saved = gradscope.load(save_run(built, tmp_path / "built", rows_per_write=7))
+    assert saved.status == built.status == "complete" and saved.meta["user"] == {"seed": 3}
+    pd.testing.assert_frame_equal(saved.to_pandas(), built.to_pandas())
+
+    # a run read lazily from its file (as long runs are) saves whole, and "running" stays running
+    _, seen, _ = _monitored(cases["mlp"], tmp_path / "trained", quiet)
+    monkeypatch.setattr(run_module, "EAGER_STREAM_BYTES", 0)
+    lazy = gradscope.load(tmp_path / "trained")
+    assert isinstance(lazy._streams["step"][1], run_module._StoredStream)
+    lazy.meta["status"] = "running"
+    copied = gradscope.load(save_run(lazy, tmp_path / "copy"))
+    assert copied.status == "running"
+    pd.testing.assert_frame_equal(copied.to_pandas(), seen.to_pandas())
+
+    with pytest.raises(gradscope.InvalidInputError, match="expected rows_per_write to be an integer ≥ 1 but got 0"):
+        save_run(built, tmp_path / "bad", rows_per_write=0)
