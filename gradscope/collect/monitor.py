@@ -225,6 +225,7 @@ class Monitor:
         act_rows = self.flush_every // max(self.activation_every, 1) + 2
         self._act_buf = torch.full((act_rows, n_watched + 1, stats.N_ACT_PARTS), math.nan, device=self._device)
         self._act_counts = np.full((act_rows, n_watched + 1, 3), np.nan)  # elements, units, saturation denominator
+        self._act_count_rows: dict[tuple[tuple[int, int, int, int], ...], np.ndarray] = {}  # see _finish_activations
         self._act_steps: list[int] = []
         self._bounded = [stats.bounded_kind(m) for m in layout.watched_modules] + [stats.Bounded.NONE]
         self._observed: dict[int, stats.Observed] = {}
@@ -824,9 +825,16 @@ class Monitor:
             observed = self._observed.get(index)
             parts += self._nan_parts if observed is None else observed.finished()
         self._write(parts, self._act_rows[k])  # every module's statistics of the step in one write
-        # the host-known counts of the modules that ran, in one assignment (the others stay NaN)
-        ran = list(self._observed)
-        self._act_counts[k, ran] = [(o.n, o.units, o.saturation_denominator) for o in self._observed.values()]
+        # the host-known counts of the modules that ran (the others stay NaN): the same from step to
+        # step unless shapes change, so each distinct row is built once and copied
+        key = tuple((i, o.n, o.units, o.saturation_denominator) for i, o in self._observed.items())
+        counts = self._act_count_rows.get(key)
+        if counts is None:
+            if len(self._act_count_rows) >= 256:  # shapes that vary (sequence lengths): keep the cache small
+                self._act_count_rows.clear()
+            counts = self._act_count_rows[key] = np.full(self._act_counts.shape[1:], np.nan)
+            counts[[i for i, *_ in key]] = [c for _, *c in key]
+        self._act_counts[k] = counts
         self._act_steps.append(step)
         return True
 
