@@ -104,7 +104,7 @@ class Monitor:
             first NaN/Inf in the loss or gradients is checked at the next flush whatever the budget.
         live_window: live detection reads the first ``live_window`` steps and the last
             ``live_window`` steps of the run, never the whole history, so its cost stays constant.
-        select, ignore: detector codes to run (or skip) live.
+        select, ignore: detector codes to run (or skip) live; an unknown code is refused here, at once.
         overwrite: replace a run already in ``log_dir``.
         strict: raise gradscope's own internal errors into the training loop instead of warning.
         metadata: anything JSON-serialisable to store with the run (hyperparameters, a name).
@@ -154,6 +154,12 @@ class Monitor:
         self._live, self._on_finding_callable = _parse_on_finding(on_finding)
         self._select = list(select) if select is not None else None
         self._ignore = list(ignore) if ignore is not None else None
+        if self._live is not _LiveAction.NONE or self._on_finding_callable is not None or select is not None or ignore is not None:
+            from gradscope.detect.registry import check_codes  # detection is downstream of collection
+
+            # A typo in a code is refused here, not at the first live detection, where it could only
+            # be a warning; and the detectors load now, not in the middle of training.
+            check_codes(self._select, self._ignore)
 
         refuse_sharded_parameters(model)
         if any(p.device.type == "meta" for p in model.parameters()):

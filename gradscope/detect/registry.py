@@ -107,6 +107,12 @@ def diagnose(
     return Findings(findings, run)
 
 
+def check_codes(select: Iterable[str] | None, ignore: Iterable[str] | None) -> None:
+    """Raise ``InvalidInputError`` naming any unknown detector code in ``select`` or ``ignore``.
+    Loads the built-in detectors, so a Monitor calls it when it is created, not in the middle of training."""
+    _select(select, ignore, {})
+
+
 def diagnose_live(run: Run, *, select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> Findings:
     """The diagnosis a Monitor runs during training, on the run recorded so far."""
     return diagnose(run, select=select, ignore=ignore)

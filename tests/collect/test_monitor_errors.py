@@ -122,3 +122,11 @@ def test_a_log_dir_that_is_a_file(model: nn.Module, tmp_path: Path) -> None:
     path.write_text("hello")
     with pytest.raises(gradscope.InvalidInputError, match=r"expected log_dir to be a directory but .* is a file"):
         gradscope.Monitor(model, log_dir=path)
+
+
+@pytest.mark.parametrize("option", ["select", "ignore"])
+def test_an_unknown_detector_code_is_refused_when_the_monitor_is_created(model: nn.Module, option: str, tmp_path: Path) -> None:
+    # Checked then, not at the first live detection mid-training, where it could only be a warning.
+    with pytest.raises(gradscope.InvalidInputError, match=r"expected detector codes among .*nonfinite.* but got exploding_los$"):
+        gradscope.Monitor(model, log_dir=tmp_path / "run", **{option: ["nonfinite", "exploding_los"]})
+    assert not (tmp_path / "run").exists()  # nothing was created
