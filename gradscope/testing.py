@@ -195,12 +195,16 @@ def save_run(run: Run, log_dir: str | os.PathLike[str], *, rows_per_write: int |
     writer = RunWriter(log_dir)
     meta = dict(run.meta)
     status = str(meta.pop("status", "complete"))
-    writer.set_meta(meta)
-    for stream in run._streams:
-        columns, steps, data = run._whole_stream(stream)
-        writer.define_stream(stream, columns)
-        size = rows_per_write or max(len(steps), 1)
-        writer.append_chunks((stream, steps[i : i + size], data[i : i + size]) for i in range(0, len(steps), size))
+    try:
+        writer.set_meta(meta)
+        for stream in run._streams:
+            columns, steps, data = run._whole_stream(stream)
+            writer.define_stream(stream, columns)
+            size = rows_per_write or max(len(steps), 1)
+            writer.append_chunks((stream, steps[i : i + size], data[i : i + size]) for i in range(0, len(steps), size))
+    except BaseException:
+        writer.close("failed")  # releases the directory; what was written reads as a failed run
+        raise
     if status == "running":
         writer.conn.close()  # no close(): the status stays "running"
         writer._release_lock()
