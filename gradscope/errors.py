@@ -44,3 +44,10 @@ class TrainingFailure(GradscopeError):
     def __init__(self, finding: object) -> None:
         self.finding = finding
         super().__init__(str(finding))
+
+
+def expect_int(name: str, value: object, *, at_least: int) -> int:
+    """``value`` if it is an integer (not a bool) ≥ ``at_least``; else an ``InvalidInputError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
+        raise InvalidInputError(f"expected {name} to be an integer ≥ {at_least} but got {value!r}")
+    return value

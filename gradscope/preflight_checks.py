@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from gradscope.errors import GradscopeError, InvalidInputError, UnsupportedSetupError
+from gradscope.errors import GradscopeError, InvalidInputError, UnsupportedSetupError, expect_int
 from gradscope.findings import Finding, Fix, FixKind, Severity, json_number, sort_findings
 
 __all__ = ["CHECKS", "PreflightResult", "main", "preflight"]
@@ -929,9 +929,8 @@ def _choose(select: Iterable[str] | None, ignore: Iterable[str] | None) -> set[s
 def _check_options(n_classes: int | None, steps: int, examples: int, lr: float, target: float) -> None:
     if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2):
         raise InvalidInputError(f"expected n_classes to be an integer ≥ 2 or None but got {n_classes!r}")
-    for name, value in (("overfit_steps", steps), ("overfit_examples", examples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidInputError(f"expected {name} to be an integer ≥ 1 but got {value!r}")
+    expect_int("overfit_steps", steps, at_least=1)
+    expect_int("overfit_examples", examples, at_least=1)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise InvalidInputError(f"expected overfit_lr to be a positive number but got {lr!r}")
     if not (isinstance(target, (int, float)) and 0 < target < 1):

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gradscope.errors import InvalidInputError
+from gradscope.errors import expect_int
 from gradscope.store import schema
 from gradscope.store.run import Run
 from gradscope.store.sqlite import SCHEMA_VERSION, Chunk, RunWriter
@@ -190,8 +190,8 @@ def save_run(run: Run, log_dir: str | os.PathLike[str], *, rows_per_write: int |
     ``"running"`` is left as a writer that never closed leaves it, as after a crash.
     Raises ``InvalidInputError`` if ``log_dir`` already holds a run or ``rows_per_write`` is not positive.
     """
-    if rows_per_write is not None and (isinstance(rows_per_write, bool) or not isinstance(rows_per_write, int) or rows_per_write < 1):
-        raise InvalidInputError(f"expected rows_per_write to be an integer ≥ 1 but got {rows_per_write!r}")
+    if rows_per_write is not None:
+        expect_int("rows_per_write", rows_per_write, at_least=1)
     writer = RunWriter(log_dir)
     meta = dict(run.meta)
     status = str(meta.pop("status", "complete"))

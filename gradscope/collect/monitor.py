@@ -31,7 +31,7 @@ from gradscope._version import __version__
 from gradscope.collect import stats
 from gradscope.collect.distributed import DistributedContext, refuse_sharded_parameters
 from gradscope.collect.layout import ModelLayout, describe_optimizer
-from gradscope.errors import InvalidInputError, TrainingFailure
+from gradscope.errors import InvalidInputError, TrainingFailure, expect_int
 from gradscope.findings import Finding
 from gradscope.store import schema
 from gradscope.store.run import Run, load
@@ -143,12 +143,12 @@ class Monitor:
                 f"expected optimizer to be a torch.optim.Optimizer but got {type(optimizer).__name__}; "
                 "pass the optimizer that updates the model, or None"
             )
-        self.flush_every = _positive_int("flush_every", flush_every, allow_zero=False)
+        self.flush_every = expect_int("flush_every", flush_every, at_least=1)
         self.flush_seconds = _positive_seconds("flush_seconds", flush_seconds)
-        self.activation_every = _positive_int("activation_every", activation_every)
-        self.update_every = _positive_int("update_every", update_every)
-        self.detect_every = _positive_int("detect_every", detect_every, allow_zero=False) if detect_every is not None else None
-        self.live_window = _positive_int("live_window", live_window, allow_zero=False)
+        self.activation_every = expect_int("activation_every", activation_every, at_least=0)
+        self.update_every = expect_int("update_every", update_every, at_least=0)
+        self.detect_every = expect_int("detect_every", detect_every, at_least=1) if detect_every is not None else None
+        self.live_window = expect_int("live_window", live_window, at_least=1)
         self.check_outputs = bool(check_outputs)
         self.strict = bool(strict)
         self._live, self._on_finding_callable = _parse_on_finding(on_finding)
@@ -1153,13 +1153,6 @@ class Monitor:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _positive_int(name: str, value: object, *, allow_zero: bool = True) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        bound = "≥ 0" if allow_zero else "≥ 1"
-        raise InvalidInputError(f"expected {name} to be an integer {bound} but got {value!r}")
-    return value
 
 
 def _positive_seconds(name: str, value: object) -> float | None:
