@@ -152,9 +152,10 @@ class Monitor:
         self.check_outputs = bool(check_outputs)
         self.strict = bool(strict)
         self._live, self._on_finding_callable = _parse_on_finding(on_finding)
+        self._detects_live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
         self._select = list(select) if select is not None else None
         self._ignore = list(ignore) if ignore is not None else None
-        if self._live is not _LiveAction.NONE or self._on_finding_callable is not None or select is not None or ignore is not None:
+        if self._detects_live or select is not None or ignore is not None:
             from gradscope.detect.registry import check_codes  # detection is downstream of collection
 
             # A typo in a code is refused here, not at the first live detection, where it could only
@@ -359,7 +360,7 @@ class Monitor:
             if self._optimizer is None:
                 self._measure_update_without_optimizer()  # the last step's update happened since step()
             self._flush(upto=self._step)
-            if self._live is not _LiveAction.NONE or self._on_finding_callable is not None:
+            if self._detects_live:
                 self._detect_live()
         except Exception as e:
             self._internal_error("close", e)  # re-raises TrainingFailure and, when strict, everything
@@ -735,7 +736,8 @@ class Monitor:
     def _stack(self, values: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """``torch.stack`` of 0-d values on the buffers' device, whatever device each was computed on."""
         try:
-            return torch.stack(self._on_buffer_device(values)) if out is None else torch.stack(self._on_buffer_device(values), out=out)
+            moved = self._on_buffer_device(values)
+            return torch.stack(moved) if out is None else torch.stack(moved, out=out)  # out=None costs a little more
         except RuntimeError:
             if not self._single_device:
                 raise
@@ -920,8 +922,7 @@ class Monitor:
         self._base = upto
         self._flush_deadline = self._next_flush_deadline()
         self._time_steps()
-        live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
-        if live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host, loss_given)):
+        if self._detects_live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host, loss_given)):
             self._detect_live()
 
     def _write_step_values(self) -> None:
@@ -991,8 +992,7 @@ class Monitor:
                 known = np.ones(n, dtype=bool)
             else:
                 known = steps % self.update_every == 0 if self.update_every else np.zeros(n, dtype=bool)
-            stepped = np.zeros(n, dtype=bool)
-            stepped[[s - first_step for s in self._optimizer_stepped if first_step <= s < first_step + n]] = True
+            stepped = _rows_mask([s - first_step for s in self._optimizer_stepped if s >= first_step], n)
             skipped = np.where(known, (~stepped).astype(np.float64), np.nan)
             self._optimizer_stepped.difference_update(range(first_step, first_step + n))
             lr = np.concatenate([lr, skipped[:, None]], axis=1)
