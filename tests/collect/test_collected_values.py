@@ -8,6 +8,7 @@ and activation statistics against the module outputs captured by the test's own 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope.collect import monitor as monitor_module
 from gradscope.collect import stats
 
 STEPS = 4
@@ -272,4 +274,76 @@ def test_steps_given_no_loss_are_marked_and_read_as_no_nan_loss(quiet: dict[str,
         run = mon.run
     np.testing.assert_array_equal(run.scalar("loss_missing"), [0.0 if g else 1.0 for g in given])
     assert np.isfinite(run.loss[given]).all() and np.isnan(run.loss[~np.asarray(given)]).all()
+    assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}
+
+
+@pytest.mark.parametrize(
+    "batch_of",
+    [lambda per_step: 2 * per_step + 1, lambda per_step: 5 * per_step, lambda per_step: 1],
+    ids=["two-steps-and-a-value", "five-steps", "less-than-a-step"],
+)
+def test_step_values_stacked_in_batches_match_torch(
+    batch_of: Any, case: Any, quiet: dict[str, Any], reference: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step's loss and gradient norms wait, unstacked, to be stacked with later steps' values:
+    any batch size, with flushes falling inside a batch, gives the same numbers."""
+    model = case.model()
+    per_step = 1 + len([p for p in model.parameters() if p.requires_grad]) + 2  # loss, norms, input and output
+    monkeypatch.setattr(monitor_module, "_STACK_BATCH", batch_of(per_step))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradscope.Monitor(model, opt, flush_every=7, activation_every=0, update_every=1, **quiet) as mon:
+        trace = case.train(model, opt, mon, 17)
+        run = mon.run
+    reference.check_run(run, model, trace, activations=False)
+
+
+def test_the_held_loss_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
+    """A step's loss waits for the batched stack detached: holding it must not keep the step's graph
+    (a loop that calls step() without backward() would otherwise keep every step's activations)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
+        for _ in range(3):
+            mon.step(model(torch.randn(8, 4)).sum())
+        assert len(mon._held_values) > 0
+        assert all(t.grad_fn is None and not t.requires_grad for t in mon._held_values)
+
+
+def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
+    quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An internal failure while stacking held steps warns once, keeps training, and stores those steps
+    as given no loss and no gradients, never as NaN losses or gradients a detector would report."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    per_step = 1 + 4 + 2  # loss, four gradient norms, input and output sentinels
+    monkeypatch.setattr(monitor_module, "_STACK_BATCH", 3 * per_step)  # three steps per batch
+    real_stack = monitor_module.Monitor._stack
+    calls = 0
+
+    def stack(self: Any, values: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        nonlocal calls
+        if out is None and (calls := calls + 1) == 2:  # the second batch: steps 3 to 5
+            raise RuntimeError("injected")
+        return real_stack(self, values, out)
+
+    monkeypatch.setattr(monitor_module.Monitor, "_stack", stack)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.Monitor(model, opt, activation_every=0, update_every=0, **quiet) as mon:
+            for _ in range(12):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+            run = mon.run
+    assert len([w for w in caught if "internal error" in str(w.message)]) == 1
+    assert len(run.loss) == 11  # the step whose stack failed is not recorded; the next one takes its number
+    lost = np.zeros(11, dtype=bool)
+    lost[3:6] = True
+    np.testing.assert_array_equal(run.scalar("loss_missing"), lost.astype(float))
+    assert np.isfinite(run.loss[~lost]).all()
+    assert np.isfinite(run.metric("grad_norm").to_numpy()[~lost]).all()
     assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}
