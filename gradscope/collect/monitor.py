@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from gradscope._version import __version__
 from gradscope.collect import stats
 from gradscope.collect.distributed import DistributedContext, refuse_sharded_parameters
+from gradscope.collect.held import HeldValues
 from gradscope.collect.layout import ModelLayout, describe_optimizer
 from gradscope.errors import InvalidInputError, TrainingFailure, expect_int
 from gradscope.findings import Finding
@@ -43,9 +44,6 @@ OnFinding = str | Callable[[Finding], Any] | None
 
 # The share of training time live detection may use (see Monitor's ``detect_every``).
 LIVE_DETECTION_SHARE = 0.01
-# The most per-step 0-d values (loss, gradient norms, sentinels) held before they are stacked: a
-# flush's worth for small models, a few steps' worth for models with hundreds of parameter tensors.
-_STACK_BATCH = 4096
 
 
 class _LiveAction(enum.Enum):
@@ -209,9 +207,8 @@ class Monitor:
         self._n_watched = n_watched = len(layout.watched_names)
         self._n_groups = len(optimizer.param_groups) if optimizer is not None else 0
         # Columns of the device step buffer: loss | per-parameter grad norm | input and output sentinels
-        # | sentinel per watched module | param norm | update norm. Each step's first three are 0-d
-        # values held as they are until _STACK_BATCH of them wait, then stacked at once (see
-        # _hold_step_values); the flush writes them all with one copy. The watched modules' sentinels
+        # | sentinel per watched module | param norm | update norm. The first three are held per step
+        # and written by the flush (see below). The watched modules' sentinels
         # are written only on the steps that check them; layer-level and run-level values are derived
         # on the host at flush (_derive_step_columns).
         self._c_grad = 1
@@ -224,10 +221,14 @@ class Monitor:
         self._sentinel_cols = np.r_[self._c_watched : self._c_pnorm, self._c_io : self._c_io + 2]
         rows = self.flush_every + 1  # +1: the row of a step whose update lands before it is recorded
         self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
-        self._held_values: list[torch.Tensor] = []  # recent steps' 0-d values, c_watched per step, not stacked yet
-        self._held_rows: list[int] = []  # their rows in the buffer
-        self._step_values: list[torch.Tensor] = []  # earlier steps' values, stacked: (steps, c_watched) each
-        self._step_value_rows: list[int] = []  # their rows in the buffer
+        # Each step's loss: read on the host when that waits for nothing (a CPU tensor, a number; NaN
+        # when none was given), else held on its device. Its gradient norms, and the sums that check
+        # its input batch and output, are held on the device (see held.py). All go into the buffer at
+        # the flush. A held step that is lost (an internal error) is stored as missing, not as NaN.
+        self._host_loss = np.full(rows, math.nan)
+        self._held_losses = HeldValues(1, self._stack, self._when_lost(lambda rows: self._loss_missing.extend(rows)))
+        self._held_grads = HeldValues(n_params, self._stack, self._when_lost(self._mark_gradients_missing))
+        self._held_io = HeldValues(2, self._stack, self._when_lost(lambda rows: self._io_unchecked.extend(rows)))
         self._host_lr: list[list[Any]] = []
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
         self._host_modules_checked = np.zeros(rows, dtype=bool)  # module outputs were checked on that step
@@ -315,8 +316,9 @@ class Monitor:
         ``loss`` is a scalar tensor or a number (with gradient accumulation: the step's total or mean
         loss), or ``None`` when the step has none to give: it is then stored as NaN and marked in
         ``loss_missing``, so it is not read as a NaN loss. No device-to-host copy happens here except
-        every ``flush_every`` steps (on CPU, the loss is read to decide whether to check the input
-        batch and the output: see ``check_outputs``).
+        every ``flush_every`` steps: a loss on an accelerator is kept there until then. A loss on the
+        CPU is read at once, which waits for nothing (it also decides whether the input batch and
+        the output are checked: see ``check_outputs``).
         """
         if self._closed:
             raise InvalidInputError("step() called after the Monitor was closed; create a new Monitor for a new run")
@@ -720,40 +722,39 @@ class Monitor:
             self._take_snapshot()  # the update of the step just recorded happens after step()
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
-        values = [self._loss_tensor(loss).detach(), *self._gradient_norms(row), *self._io_sentinels(row, loss)]
-        self._hold_step_values(row, values)
+        loss = _read_if_on_host(loss)
+        io = self._io_sentinels(row, loss)
+        self._held_grads.hold(row, self._gradient_norms(row))
+        self._hold_loss_and_io(row, loss, io)
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
 
-    def _hold_step_values(self, row: int, values: list[torch.Tensor]) -> None:
-        """Keep a step's 0-d values (its loss, gradient norms and input/output sentinels) for one
-        ``torch.stack`` with later steps' values. The batched norm is then the step's only device op:
-        a stack of its own costs ~12 µs per step in a 0.6 ms MLP step on CPU, where each extra op runs
-        cold after the backward pass, and a kernel launch on an accelerator. Batches stay at most
-        _STACK_BATCH values, so a model with many parameter tensors holds a bounded number of them."""
-        if len(self._held_values) + len(values) > _STACK_BATCH:
-            self._stack_held_values()  # the earlier steps only: should it fail, this step is not recorded yet
-        self._held_values += values
-        self._held_rows.append(row)
+    def _hold_loss_and_io(self, row: int, loss: torch.Tensor | float | None, io: list[torch.Tensor] | None) -> None:
+        """A loss already on the host goes to the host array; one on a device is held, detached
+        (no graph kept), with no wait for the device now. The input and output sums, when checked."""
+        if isinstance(loss, torch.Tensor):
+            self._held_losses.hold(row, [loss.detach().reshape(())])
+        else:
+            self._host_loss[row] = math.nan if loss is None else loss
+        if io is not None:
+            self._held_io.hold(row, io)
 
-    def _stack_held_values(self) -> None:
-        values, rows = self._held_values, self._held_rows
-        if not values:
-            return
-        self._held_values, self._held_rows = [], []
-        try:
-            self._step_values.append(self._stack(values).view(len(rows), self._c_watched))
-        except Exception:
-            # These steps' values are lost (the error is reported once, by the caller): their rows
-            # read as steps given no loss and no gradients, never as NaN losses or NaN gradients.
-            self._loss_missing += rows
-            self._host_missing[rows] = True
-            raise
-        self._step_value_rows += rows
+    def _when_lost(self, mark: Callable[[list[int]], object]) -> Callable[[list[int], Exception], None]:
+        """What a HeldValues does when a stack fails: mark its rows (as no loss, no gradient or not
+        checked, never as NaN values a detector would report) and report the error once."""
+
+        def lost(rows: list[int], error: Exception) -> None:
+            mark(rows)
+            self._internal_error("holding step values", error)
+
+        return lost
+
+    def _mark_gradients_missing(self, rows: list[int]) -> None:
+        self._host_missing[rows] = True
 
     def _record_loss_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
-        self._buf[row, 0].copy_(self._loss_tensor(loss))
-        self._write(self._io_sentinels(row, loss), self._buf[row, self._c_io : self._c_watched])
+        loss = _read_if_on_host(loss)
+        self._hold_loss_and_io(row, loss, self._io_sentinels(row, loss))
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
 
@@ -780,15 +781,16 @@ class Monitor:
         """The values on the buffers' device (parameters or inputs can be on other devices)."""
         return values if self._single_device else [v.to(self._device) for v in values]
 
-    def _io_sentinels(self, row: int, loss: torch.Tensor | float | None) -> list[torch.Tensor]:
-        """The NaN/Inf sentinels (sums) of the step's input batch and model output."""
+    def _io_sentinels(self, row: int, loss: torch.Tensor | float | None) -> list[torch.Tensor] | None:
+        """The NaN/Inf sentinels (sums) of the step's input batch and model output; None when they
+        are not checked (the row is marked so)."""
         if self._held_input is not None or self._held_output is not None:
-            if (type(loss) is torch.Tensor and math.isfinite(loss.item())) or (type(loss) is float and math.isfinite(loss)):
+            if (type(loss) is float and math.isfinite(loss)) or (type(loss) is torch.Tensor and math.isfinite(loss.item())):
                 # The loss is finite, and with it (nearly always) what the model read and wrote: the
                 # sums are skipped and the step stores them as "not checked".
                 self._held_input = self._held_output = None
                 self._io_unchecked.append(row)
-                return [self._zero, self._zero]
+                return None
             self._sum_held()
         observed_input = self._observed.get(self._n_watched)
         if observed_input is not None:
@@ -828,12 +830,6 @@ class Monitor:
         self._host_missing[row] = missing
         present = iter(self._grad_norms([g for g in grads if g is not None]))
         return [self._zero if m else next(present) for m in missing]
-
-    def _loss_tensor(self, loss: torch.Tensor | float | None) -> torch.Tensor:
-        """The loss as a 0-d tensor to stack (called with grad mode off, so no ``detach``)."""
-        if isinstance(loss, torch.Tensor):
-            return loss.reshape(()) if loss.ndim else loss
-        return torch.full((), math.nan if loss is None else float(loss), device=self._device)
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if not grads:
@@ -911,7 +907,7 @@ class Monitor:
         n = upto - self._base
         if n <= 0:
             return
-        self._write_step_values()
+        self._write_step_values(n)
         loss_given = ~_rows_mask(self._loss_missing, n)
         k = len(self._act_steps)
         counts = self._act_counts[:k]
@@ -955,21 +951,13 @@ class Monitor:
         if self._detects_live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host, loss_given)):
             self._detect_live()
 
-    def _write_step_values(self) -> None:
-        """The steps' stacked loss, gradient norms and sentinels into the buffer, in one device copy."""
-        self._stack_held_values()
-        if not self._step_values:
-            return
-        stacked = torch.cat(self._step_values) if len(self._step_values) > 1 else self._step_values[0]
-        rows = self._step_value_rows
-        first = rows[0]
-        if rows[-1] - first == len(rows) - 1:  # consecutive rows, as when no step() failed midway
-            self._buf[first : first + len(rows), : self._c_watched].copy_(stacked)
-        else:
-            index = torch.tensor(rows, device=self._device)
-            self._buf[:, : self._c_watched].index_copy_(0, index, stacked)
-        self._step_values = []
-        self._step_value_rows = []
+    def _write_step_values(self, n: int) -> None:
+        """The held steps' losses, gradient norms and input/output sums into the buffer."""
+        self._buf[:n, 0].copy_(torch.from_numpy(self._host_loss[:n]))  # NaN on rows whose loss is on a device
+        self._host_loss.fill(math.nan)
+        self._held_losses.write_into(self._buf[:, :1])
+        self._held_grads.write_into(self._buf[:, self._c_grad : self._c_io])
+        self._held_io.write_into(self._buf[:, self._c_io : self._c_watched])
 
     def _combine_ranks(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One all_gather of this flush's buffers, combined across ranks (see collect/distributed.py)."""
@@ -1229,6 +1217,16 @@ def _check_loss(loss: object) -> torch.Tensor | float | None:
     if isinstance(loss, (int, float, np.floating, np.integer)) and not isinstance(loss, bool):
         return float(loss)
     raise InvalidInputError(f"expected the loss as a scalar tensor or a number but got {type(loss).__name__}")
+
+
+def _read_if_on_host(loss: torch.Tensor | float | None) -> torch.Tensor | float | None:
+    """The loss as a number when reading it waits for no device (a CPU tensor): kept on the host, it
+    costs no device op (a detach alone is ~8 µs in a 0.6 ms step on CPU, where every extra op runs
+    cold), and the check of the input and output reads it anyway. Other losses stay tensors."""
+    if type(loss) is torch.Tensor and loss.is_cpu:
+        value = loss.item()
+        return value if type(value) is float else float(value)
+    return loss
 
 
 def _rows_mask(rows: list[int], n: int) -> np.ndarray:

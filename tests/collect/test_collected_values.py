@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.collect import monitor as monitor_module
-from gradscope.collect import stats
+from gradscope.collect import held, stats
 
 STEPS = 4
 
@@ -285,65 +284,86 @@ def test_steps_given_no_loss_are_marked_and_read_as_no_nan_loss(quiet: dict[str,
 def test_step_values_stacked_in_batches_match_torch(
     batch_of: Any, case: Any, quiet: dict[str, Any], reference: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each step's loss and gradient norms wait, unstacked, to be stacked with later steps' values:
-    any batch size, with flushes falling inside a batch, gives the same numbers."""
+    """Each step's gradient norms wait, unstacked, to be stacked with later steps' values: any batch
+    size, with flushes falling inside a batch, gives the same numbers."""
     model = case.model()
-    per_step = 1 + len([p for p in model.parameters() if p.requires_grad]) + 2  # loss, norms, input and output
-    monkeypatch.setattr(monitor_module, "_STACK_BATCH", batch_of(per_step))
+    per_step = len([p for p in model.parameters() if p.requires_grad])  # one gradient norm each
+    monkeypatch.setattr(held, "STACK_BATCH", batch_of(per_step))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradscope.Monitor(model, opt, flush_every=7, activation_every=0, update_every=1, **quiet) as mon:
+    with gradscope.Monitor(model, opt, flush_every=7, activation_every=0, update_every=1, check_outputs=True, **quiet) as mon:
         trace = case.train(model, opt, mon, 17)
         run = mon.run
     reference.check_run(run, model, trace, activations=False)
 
 
-def test_the_held_loss_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
-    """A step's loss waits for the batched stack detached: holding it must not keep the step's graph
+class _DeviceLoss(torch.Tensor):
+    """A loss as step() gets it on an accelerator: not a plain CPU tensor, so it is held, not read."""
+
+
+def test_a_held_loss_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
+    """A loss on a device waits for the flush detached: holding it must not keep the step's graph
     (a loop that calls step() without backward() would otherwise keep every step's activations)."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
-        for _ in range(3):
-            mon.step(model(torch.randn(8, 4)).sum())
-        assert len(mon._held_values) > 0
-        assert all(t.grad_fn is None and not t.requires_grad for t in mon._held_values)
+        losses = [model(torch.randn(8, 4)).sum() for _ in range(3)]
+        for loss in losses:
+            mon.step(loss.as_subclass(_DeviceLoss))
+        held_losses = mon._held_losses._values
+        assert len(held_losses) == 3
+        assert all(t.grad_fn is None and not t.requires_grad for t in held_losses)
+        run = mon.run
+    np.testing.assert_allclose(run.loss, [loss.item() for loss in losses], rtol=1e-6)
 
 
+@pytest.mark.parametrize("lost", ["gradients", "input and output", "loss"])
 def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
-    quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    lost: str, quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An internal failure while stacking held steps warns once, keeps training, and stores those steps
-    as given no loss and no gradients, never as NaN losses or gradients a detector would report."""
+    """An internal failure while stacking held values warns once, keeps training and recording, and
+    stores the steps it held as missing (no gradients, outputs not checked, no loss), never as NaN
+    values a detector would report. The step being recorded and the other values are kept."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
-    per_step = 1 + 4 + 2  # loss, four gradient norms, input and output sentinels
-    monkeypatch.setattr(monitor_module, "_STACK_BATCH", 3 * per_step)  # three steps per batch
-    real_stack = monitor_module.Monitor._stack
-    calls = 0
-
-    def stack(self: Any, values: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-        nonlocal calls
-        if out is None and (calls := calls + 1) == 2:  # the second batch: steps 3 to 5
-            raise RuntimeError("injected")
-        return real_stack(self, values, out)
-
-    monkeypatch.setattr(monitor_module.Monitor, "_stack", stack)
+    monkeypatch.setattr(held, "STACK_BATCH", 12)
+    width = {"gradients": 4, "input and output": 2, "loss": 1}[lost]  # values per step
+    per_batch = 12 // width
+    steps = 3 * per_batch + 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with gradscope.Monitor(model, opt, activation_every=0, update_every=0, **quiet) as mon:
-            for _ in range(12):
+        with gradscope.Monitor(model, opt, activation_every=0, update_every=0, check_outputs=lost == "input and output", **quiet) as mon:
+            values = {"gradients": mon._held_grads, "input and output": mon._held_io, "loss": mon._held_losses}[lost]
+            real_stack, calls = values._stack, 0
+
+            def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+                nonlocal calls
+                calls += 1
+                if calls == 2:  # the second batch
+                    raise RuntimeError("injected")
+                return real_stack(tensors)
+
+            values._stack = stack
+            for _ in range(steps):
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x), y)
                 loss.backward()
-                mon.step(loss)
+                mon.step(loss.as_subclass(_DeviceLoss) if lost == "loss" else loss)
                 opt.step()
             run = mon.run
     assert len([w for w in caught if "internal error" in str(w.message)]) == 1
-    assert len(run.loss) == 11  # the step whose stack failed is not recorded; the next one takes its number
-    lost = np.zeros(11, dtype=bool)
-    lost[3:6] = True
-    np.testing.assert_array_equal(run.scalar("loss_missing"), lost.astype(float))
-    assert np.isfinite(run.loss[~lost]).all()
-    assert np.isfinite(run.metric("grad_norm").to_numpy()[~lost]).all()
+    assert run.n_steps == steps
+    missing = np.zeros(steps, dtype=bool)
+    missing[per_batch : 2 * per_batch] = True
+    np.testing.assert_array_equal(run.scalar("loss_missing"), missing if lost == "loss" else False)
+    assert np.isfinite(run.loss[~missing]).all() and (lost == "loss" or np.isfinite(run.loss).all())
+    np.testing.assert_array_equal(run.metric("grad_missing").to_numpy().sum(axis=1) > 0, missing if lost == "gradients" else False)
+    assert np.isfinite(run.metric("grad_norm").to_numpy()).all()
+    flags = run.metric("output_nonfinite")[["(input)", "(output)"]].to_numpy()
+    if lost == "input and output":
+        assert np.isnan(flags[missing]).all() and (flags[~missing] == 0).all()
+    elif lost == "gradients":
+        assert np.isnan(flags).all()  # not checked: the (CPU) loss was read, and finite
+    else:
+        assert (flags == 0).all()  # checked: a loss on a device is not read to decide
     assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}

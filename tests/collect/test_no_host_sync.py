@@ -37,14 +37,21 @@ def _count_host_copies(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]
         yield counts
 
 
-def _train(case: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, mon: Monitor | None, steps: int, start: int = 0) -> None:
+class _DeviceLoss(torch.Tensor):
+    """A loss as step() gets it on an accelerator: not a plain CPU tensor, so it is held, not read
+    (a CPU loss is read on purpose: see the last test)."""
+
+
+def _train(
+    case: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, mon: Monitor | None, steps: int, start: int = 0, *, device_loss: bool = False
+) -> None:
     for step in range(start, start + steps):
         opt.zero_grad()
         x, y = case.batch(step)
         loss = case.loss_fn(model(x), y)
         loss.backward()
         if mon is not None:
-            mon.step(loss)
+            mon.step(loss.as_subclass(_DeviceLoss) if device_loss else loss)
         opt.step()
 
 
@@ -76,7 +83,7 @@ def test_no_host_copy_between_flushes(name: str, cases: Any, monkeypatch: pytest
 
     mon.step = counted_step  # type: ignore[method-assign]
     with _count_host_copies(monkeypatch) as copies:
-        _train(case, model, opt, mon, 40, start=1)
+        _train(case, model, opt, mon, 40, start=1, device_loss=True)
     assert inside_step["any"] == 0, f"mon.step() copied to the host: {dict(copies)}"
     assert copies == baseline, f"the Monitor's hooks copied to the host: {dict(copies - baseline)}"
     mon.close()
@@ -88,17 +95,16 @@ def test_the_counter_catches_a_deliberate_item(cases: Any, monkeypatch: pytest.M
     case = cases["mlp"]
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    # check_outputs=True: on CPU the default reads the loss itself (see the test below)
     mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, check_outputs=True, on_finding=None)
     original = Monitor._record_step
 
     def leaky(self: Monitor, loss: Any) -> None:
-        loss.item()  # the anti-pattern
+        self._params[0].grad.norm().item()  # the anti-pattern: a per-step read of a value
         original(self, loss)
 
     monkeypatch.setattr(Monitor, "_record_step", leaky)
     with _count_host_copies(monkeypatch) as copies:
-        _train(case, model, opt, mon, 5)
+        _train(case, model, opt, mon, 5, device_loss=True)
     mon.close()
     assert copies["item"] == 5
     with _count_host_copies(monkeypatch) as copies:
@@ -106,15 +112,17 @@ def test_the_counter_catches_a_deliberate_item(cases: Any, monkeypatch: pytest.M
     assert copies == {"__bool__": 1, "__float__": 1, "tolist": 1, "cpu": 1}
 
 
-def test_on_cpu_the_default_reads_only_the_loss_once_per_step(cases: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CPU, where ops run synchronously and reading a value waits for nothing, step() reads the
-    loss to decide whether to check the input batch and the output. That is the one read, and only
-    with the Monitor's parameters on the CPU: on an accelerator the sums are queued every step."""
+@pytest.mark.parametrize("check_outputs", [False, True])
+def test_a_loss_on_the_cpu_is_read_once_per_step(check_outputs: bool, cases: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU loss is read in step(): that waits for nothing (CPU ops run synchronously), costs no
+    device op, and tells the default whether to check the input batch and the output. That is the
+    one read per step; a loss on an accelerator is held on the device instead (the tests above)."""
     case = cases["mlp"]
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, activation_every=0, on_finding=None)
-    assert mon._io_on_demand  # decided from the parameters' device
+    options = {"check_outputs": check_outputs, "activation_every": 0, "on_finding": None}
+    mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, **options)
+    assert mon._io_on_demand is not check_outputs  # on demand: decided from the parameters' device
     _train(case, model, opt, mon, 1)
     with _count_host_copies(monkeypatch) as copies:
         _train(case, model, opt, mon, 5, start=1)

@@ -1,0 +1,78 @@
+"""Per-step device values held until the flush, stacked in batches rather than one stack per step.
+
+A step's gradient norms (and, when they are device values, its loss and the sums that check its
+input batch and output) are 0-d tensors. Stacking them into a row every step is a device op of its
+own: ~12 µs of a 0.6 ms MLP step on CPU, where every extra op runs cold after the backward pass, and
+a kernel launch on an accelerator. Held as they are and stacked many steps at a time, they cost a
+fraction of a microsecond each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["STACK_BATCH", "HeldValues"]
+
+# The most values held before they are stacked: a flush's worth for small models, a few steps'
+# worth for models with hundreds of parameter tensors, so the number of held tensors stays bounded.
+STACK_BATCH = 4096
+
+
+class HeldValues:
+    """``width`` 0-d values per step, held by buffer row until :meth:`write_into`.
+
+    ``stack`` stacks a list of 0-d values into a vector (moving them to one device if needed).
+    Should a stack fail, the steps it held are lost and ``on_lost(rows, error)`` is told which, so
+    they can be stored as missing rather than as the NaN placeholders of the buffer; nothing is
+    raised here, so the step being recorded and the other held values are not disturbed.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        stack: Callable[[list[torch.Tensor]], torch.Tensor],
+        on_lost: Callable[[list[int], Exception], None],
+    ) -> None:
+        self.width = width
+        self._stack = stack
+        self._on_lost = on_lost
+        self._values: list[torch.Tensor] = []  # not stacked yet: `width` per row of _rows
+        self._rows: list[int] = []
+        self._stacked: list[torch.Tensor] = []  # (rows, width) each
+        self._stacked_rows: list[int] = []
+
+    def hold(self, row: int, values: list[torch.Tensor]) -> None:
+        """Keep one step's values (``width`` of them) for the buffer row ``row``."""
+        if len(self._values) + len(values) > STACK_BATCH:
+            self._stack_held()  # the earlier steps only
+        self._values += values
+        self._rows.append(row)
+
+    def write_into(self, out: torch.Tensor) -> None:
+        """Write every held step into its row of ``out`` (buffer rows × ``width`` columns), and let
+        the values go."""
+        self._stack_held()
+        if not self._stacked:
+            return
+        values = torch.cat(self._stacked) if len(self._stacked) > 1 else self._stacked[0]
+        rows = self._stacked_rows
+        self._stacked, self._stacked_rows = [], []
+        first = rows[0]
+        if rows[-1] - first == len(rows) - 1:  # consecutive rows, as when no step() failed midway
+            out[first : first + len(rows)].copy_(values)
+        else:
+            out.index_copy_(0, torch.tensor(rows, device=out.device), values)
+
+    def _stack_held(self) -> None:
+        values, rows = self._values, self._rows
+        if not values:
+            return
+        self._values, self._rows = [], []
+        try:
+            self._stacked.append(self._stack(values).view(len(rows), self.width))
+        except Exception as e:
+            self._on_lost(rows, e)
+            return
+        self._stacked_rows += rows
