@@ -50,20 +50,30 @@ class HeldValues:
         self._values += values
         self._rows.append(row)
 
+    def forget(self, row: int) -> None:
+        """Let go of the values just held for ``row``, if any: its step was not recorded after all
+        (its ``step()`` failed midway), and the next step is recorded on that row."""
+        if self._rows and self._rows[-1] == row:  # still unstacked: a hold stacks only earlier steps
+            self._rows.pop()
+            del self._values[len(self._values) - self.width :]
+
     def write_into(self, out: torch.Tensor) -> None:
         """Write every held step into its row of ``out`` (buffer rows × ``width`` columns), and let
-        the values go."""
+        the values go. Values of any dtype or device are converted to ``out``'s."""
         self._stack_held()
         if not self._stacked:
             return
-        values = torch.cat(self._stacked) if len(self._stacked) > 1 else self._stacked[0]
-        rows = self._stacked_rows
+        batches, rows = self._stacked, self._stacked_rows
         self._stacked, self._stacked_rows = [], []
-        first = rows[0]
-        if rows[-1] - first == len(rows) - 1:  # consecutive rows, as when no step() failed midway
-            out[first : first + len(rows)].copy_(values)
-        else:
-            out.index_copy_(0, torch.tensor(rows, device=out.device), values)
+        try:
+            values = torch.cat([b.to(device=out.device, dtype=out.dtype) for b in batches])
+            first = rows[0]
+            if rows[-1] - first == len(rows) - 1:  # rows only grow: consecutive, the usual case
+                out[first : first + len(rows)].copy_(values)
+            else:  # gaps: steps that hold nothing here (a loss read on the host, an unchecked output)
+                out.index_copy_(0, torch.tensor(rows, device=out.device), values)
+        except Exception as e:
+            self._on_lost(rows, e)
 
     def _stack_held(self) -> None:
         values, rows = self._values, self._rows

@@ -1,8 +1,8 @@
 """``Monitor``: attach to a model (and optimizer), collect per-layer statistics while it trains, store them.
 
-The hot path (``step()`` and the hooks) only launches device work and appends to device buffers;
-values reach the host once per flush, in one copy. Per step that is: one batched
-``torch._foreach_norm`` over the gradients and one ``torch.stack`` into the step buffer, plus a
+The hot path (``step()`` and the hooks) only launches device work and holds its results; values
+reach the host once per flush, in one copy. Per step that is one batched ``torch._foreach_norm``
+over the gradients (its results held and stacked many steps at a time: see held.py), plus a
 ``sum`` each of the input batch and the model's output (NaN/Inf sentinels; on CPU only when the
 step's loss is not finite). Full activation statistics, ‖Δθ‖ and live detection run on their own
 cadences (see docs/performance.md).
@@ -226,9 +226,9 @@ class Monitor:
         # its input batch and output, are held on the device (see held.py). All go into the buffer at
         # the flush. A held step that is lost (an internal error) is stored as missing, not as NaN.
         self._host_loss = np.full(rows, math.nan)
-        self._held_losses = HeldValues(1, self._stack, self._when_lost(lambda rows: self._loss_missing.extend(rows)))
+        self._held_losses = HeldValues(1, self._stack, self._when_lost(self._mark_losses_missing))
         self._held_grads = HeldValues(n_params, self._stack, self._when_lost(self._mark_gradients_missing))
-        self._held_io = HeldValues(2, self._stack, self._when_lost(lambda rows: self._io_unchecked.extend(rows)))
+        self._held_io = HeldValues(2, self._stack, self._when_lost(self._mark_outputs_unchecked))
         self._host_lr: list[list[Any]] = []
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
         self._host_modules_checked = np.zeros(rows, dtype=bool)  # module outputs were checked on that step
@@ -323,9 +323,12 @@ class Monitor:
         if self._closed:
             raise InvalidInputError("step() called after the Monitor was closed; create a new Monitor for a new run")
         loss_value = _check_loss(loss)
+        step = self._step
         try:
             self._record_step(loss_value)
         except Exception as e:  # a gradscope bug must not take the user's training down
+            if self._step == step:
+                self._forget_unrecorded(step - self._base)
             self._internal_error("step", e)
 
     def flush(self) -> None:
@@ -721,6 +724,17 @@ class Monitor:
         if self._optimizer is None and self.update_every and (step - 1) % self.update_every == 0:
             self._take_snapshot()  # the update of the step just recorded happens after step()
 
+    def _forget_unrecorded(self, row: int) -> None:
+        """Let go of what a ``step()`` that failed before its end kept for ``row``: that step is
+        not recorded, and the next one is recorded on the same row, from a clean start."""
+        for held in (self._held_losses, self._held_grads, self._held_io):
+            held.forget(row)
+        for rows in (self._io_unchecked, self._loss_missing):
+            if rows and rows[-1] == row:
+                rows.pop()
+        if 0 <= row < len(self._host_missing):
+            self._host_missing[row] = False
+
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         loss = _read_if_on_host(loss)
         io = self._io_sentinels(row, loss)
@@ -733,15 +747,17 @@ class Monitor:
         """A loss already on the host goes to the host array; one on a device is held, detached
         (no graph kept), with no wait for the device now. The input and output sums, when checked."""
         if isinstance(loss, torch.Tensor):
-            self._held_losses.hold(row, [loss.detach().reshape(())])
+            # a copy: the loop may reuse the tensor in place (an accumulator, a CUDA graph's output)
+            self._held_losses.hold(row, [loss.detach().reshape(()).clone()])
         else:
             self._host_loss[row] = math.nan if loss is None else loss
         if io is not None:
             self._held_io.hold(row, io)
 
-    def _when_lost(self, mark: Callable[[list[int]], object]) -> Callable[[list[int], Exception], None]:
-        """What a HeldValues does when a stack fails: mark its rows (as no loss, no gradient or not
-        checked, never as NaN values a detector would report) and report the error once."""
+    def _when_lost(self, mark: Callable[[list[int]], None]) -> Callable[[list[int], Exception], None]:
+        """What a HeldValues does when its values are lost (a failed stack or write): mark their
+        rows as no loss, no gradient or not checked, never as NaN values a detector would report,
+        and report the error once."""
 
         def lost(rows: list[int], error: Exception) -> None:
             mark(rows)
@@ -749,8 +765,16 @@ class Monitor:
 
         return lost
 
+    def _mark_losses_missing(self, rows: list[int]) -> None:
+        self._loss_missing += rows
+
     def _mark_gradients_missing(self, rows: list[int]) -> None:
         self._host_missing[rows] = True
+        self._buf[rows, self._c_grad : self._c_io] = 0.0  # a missing gradient's norm, as stored; never NaN
+
+    def _mark_outputs_unchecked(self, rows: list[int]) -> None:
+        self._io_unchecked += rows
+        self._buf[rows, self._c_io : self._c_watched] = 0.0  # finite, so combined ranks do not read a NaN
 
     def _record_loss_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         loss = _read_if_on_host(loss)
@@ -935,6 +959,7 @@ class Monitor:
         carry = self._buf[n].clone()
         self._buf.fill_(math.nan)
         self._buf[0].copy_(carry)
+        self._host_loss.fill(math.nan)  # here, with the rest: a flush that failed midway is tried again whole
         self._act_buf.fill_(math.nan)
         self._act_counts.fill(np.nan)
         self._act_steps.clear()
@@ -954,7 +979,6 @@ class Monitor:
     def _write_step_values(self, n: int) -> None:
         """The held steps' losses, gradient norms and input/output sums into the buffer."""
         self._buf[:n, 0].copy_(torch.from_numpy(self._host_loss[:n]))  # NaN on rows whose loss is on a device
-        self._host_loss.fill(math.nan)
         self._held_losses.write_into(self._buf[:, :1])
         self._held_grads.write_into(self._buf[:, self._c_grad : self._c_io])
         self._held_io.write_into(self._buf[:, self._c_io : self._c_watched])

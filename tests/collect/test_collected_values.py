@@ -310,7 +310,8 @@ def test_a_held_loss_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
             mon.step(loss.as_subclass(_DeviceLoss))
         held_losses = mon._held_losses._values
         assert len(held_losses) == 3
-        assert all(t.grad_fn is None and not t.requires_grad for t in held_losses)
+        # neither the tensor nor what it is a view of keeps a graph
+        assert all(t.grad_fn is None and not t.requires_grad and (t._base is None or t._base.grad_fn is None) for t in held_losses)
         run = mon.run
     np.testing.assert_allclose(run.loss, [loss.item() for loss in losses], rtol=1e-6)
 
@@ -332,7 +333,8 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
     steps = 3 * per_batch + 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with gradscope.Monitor(model, opt, activation_every=0, update_every=0, check_outputs=lost == "input and output", **quiet) as mon:
+        options = {"flush_seconds": None, "activation_every": 0, "update_every": 0, "check_outputs": lost == "input and output"}
+        with gradscope.Monitor(model, opt, **options, **quiet) as mon:
             values = {"gradients": mon._held_grads, "input and output": mon._held_io, "loss": mon._held_losses}[lost]
             real_stack, calls = values._stack, 0
 
@@ -367,3 +369,67 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
     else:
         assert (flags == 0).all()  # checked: a loss on a device is not read to decide
     assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_losses_held_on_a_device_land_in_their_rows_with_gaps_and_a_retried_step(
+    dtype: torch.dtype, quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Losses on a device (of any dtype) mixed with numbers and steps given none leave gaps in the
+    held rows. A step() that fails after holding its values is not recorded: the next step takes
+    its row, and only that step's loss and gradient norms are stored there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    monkeypatch.setattr(held, "STACK_BATCH", 3)  # batches close inside a flush, and at its end
+    expected_losses: list[float] = []
+    expected_norms: list[list[float]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.Monitor(model, opt, flush_every=7, flush_seconds=None, activation_every=0, update_every=0, **quiet) as mon:
+            real_hold = mon._hold_loss_and_io
+            calls = 0
+
+            def failing_once(row: int, loss: Any, io: Any) -> None:
+                nonlocal calls
+                calls += 1
+                real_hold(row, loss, io)
+                if calls == 4:  # a step given a device loss, after it held everything
+                    raise RuntimeError("injected")
+
+            mon._hold_loss_and_io = failing_once  # type: ignore[method-assign]
+            for i in range(20):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x) * (1 + i), y)  # a new value every step
+                loss.backward()
+                given: Any = [loss.detach().to(dtype).as_subclass(_DeviceLoss), loss.item(), None][i % 3]
+                mon.step(given)
+                if i != 3:
+                    expected_losses.append(math.nan if given is None else float(given))
+                    expected_norms.append([p.grad.norm().item() for p in model.parameters()])  # type: ignore[union-attr]
+                opt.step()
+            run = mon.run
+    assert len([w for w in caught if "internal error" in str(w.message)]) == 1
+    np.testing.assert_allclose(run.loss, expected_losses, rtol=1e-6)  # NaN where none was given
+    np.testing.assert_array_equal(run.scalar("loss_missing"), np.isnan(expected_losses))
+    np.testing.assert_allclose(run.metric("param_grad_norm").to_numpy(), expected_norms, rtol=1e-5)
+
+
+def test_a_loss_tensor_the_loop_reuses_in_place_is_recorded_step_by_step(quiet: dict[str, Any]) -> None:
+    """A loss on a device is held until the write: a loop that writes each step's loss into the
+    same tensor (an accumulator, a CUDA graph's static output) still gets each step's value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    total = torch.zeros(()).as_subclass(_DeviceLoss)
+    with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+        for i in range(5):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            total.fill_(float(i))  # the loop's running value, written in place
+            mon.step(total)
+            opt.step()
+        run = mon.run
+    np.testing.assert_array_equal(run.loss, [0.0, 1.0, 2.0, 3.0, 4.0])
