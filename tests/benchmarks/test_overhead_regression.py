@@ -26,6 +26,10 @@ def test_the_hand_written_references_are_timed_and_shown_beside_gradscope() -> N
     result = overhead.measure(overhead.WORKLOADS[0], blocks=2, steps_per_block=5, warmup=5, variants=variants)
     assert set(result.ratios) == set(variants[1:])
     assert all(median > 0 and lo <= median <= hi for median, lo, hi in result.ratios.values())
-    header = overhead.render([result]).splitlines()[0]
+    table = overhead.render([result]).splitlines()
+    header = table[0]
     assert header.count("|") == len(variants) + 2
     assert "histogram of every gradient" in header and "norm + .item() per parameter" in header
+    assert set(result.totals) == set(variants[1:]) and all(total > 0 for total in result.totals.values())
+    totals_row = table[-1]  # the ratio of total times, which counts the rare slow blocks too
+    assert totals_row.startswith(f"| {result.workload} |") and totals_row.count("×") == len(variants) - 1
