@@ -15,11 +15,11 @@ import torch
 
 __all__ = ["STACK_BATCH", "HeldValues"]
 
-# The most values held before they are stacked: ~128 steps of a model with 4 parameter tensors, ~10
-# of one with 52. More does not pay, as a held value costs the stack more once it has left the
+# The most values held before they are stacked (a step with more is stacked on its own): ~128 steps
+# of a model with 4 parameter tensors, ~10 of one with 52. More does not pay, as a held value costs the stack more once it has left the
 # cache. Measured as the mean time of step(), flushes included, against one stack per step: 512
 # saves ~4 µs per step on the 4-tensor MLP of the overhead benchmark and costs the same on its
-# 52-tensor MLP; a flush's worth (4096) cost that one ~60 µs more per step.
+# 52-tensor MLP; holding 4096 cost that one ~60 µs more per step.
 STACK_BATCH = 512
 
 
@@ -27,9 +27,10 @@ class HeldValues:
     """``width`` 0-d values per step, held by buffer row until :meth:`write_into`.
 
     ``stack`` stacks a list of 0-d values into a vector (moving them to one device if needed).
-    Should a stack fail, the steps it held are lost and ``on_lost(rows, error)`` is told which, so
-    they can be stored as missing rather than as the NaN placeholders of the buffer; nothing is
-    raised here, so the step being recorded and the other held values are not disturbed.
+    Should a stack or a write fail, the steps it held are lost and ``on_lost(rows, error)`` is told
+    which, so they can be stored as missing rather than as the NaN placeholders of the buffer.
+    Nothing else is raised here (unless ``on_lost`` raises: the Monitor's ``strict`` mode), so the
+    step being recorded and the other held values are not disturbed.
     """
 
     def __init__(

@@ -222,10 +222,12 @@ class Monitor:
         rows = self.flush_every + 1  # +1: the row of a step whose update lands before it is recorded
         self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
         # Each step's loss: read on the host when that waits for nothing (a CPU tensor, a number; NaN
-        # when none was given), else held on its device. Its gradient norms, and the sums that check
-        # its input batch and output, are held on the device (see held.py). All go into the buffer at
-        # the flush. A held step that is lost (an internal error) is stored as missing, not as NaN.
+        # when none was given), else held on its device. Its gradient norms (with a GradScaler they
+        # are written from optimizer.step() instead), and the sums that check its input batch and
+        # output, are held on the device (see held.py). All go into the buffer at the flush. A held
+        # step that is lost (an internal error) is stored as missing, not as NaN.
         self._host_loss = np.full(rows, math.nan)
+        self._host_losses_written = 0  # rows of _host_loss already in the buffer (see _write_step_values)
         self._held_losses = HeldValues(1, self._stack, self._when_lost(self._mark_losses_missing))
         self._held_grads = HeldValues(n_params, self._stack, self._when_lost(self._mark_gradients_missing))
         self._held_io = HeldValues(2, self._stack, self._when_lost(self._mark_outputs_unchecked))
@@ -316,19 +318,17 @@ class Monitor:
         ``loss`` is a scalar tensor or a number (with gradient accumulation: the step's total or mean
         loss), or ``None`` when the step has none to give: it is then stored as NaN and marked in
         ``loss_missing``, so it is not read as a NaN loss. No device-to-host copy happens here except
-        every ``flush_every`` steps: a loss on an accelerator is kept there until then. A loss on the
+        at a write (every ``flush_every`` steps or ``flush_seconds``): a loss on an accelerator is
+        kept there until then. A loss on the
         CPU is read at once, which waits for nothing (it also decides whether the input batch and
         the output are checked: see ``check_outputs``).
         """
         if self._closed:
             raise InvalidInputError("step() called after the Monitor was closed; create a new Monitor for a new run")
         loss_value = _check_loss(loss)
-        step = self._step
         try:
             self._record_step(loss_value)
         except Exception as e:  # a gradscope bug must not take the user's training down
-            if self._step == step:
-                self._forget_unrecorded(step - self._base)
             self._internal_error("step", e)
 
     def flush(self) -> None:
@@ -679,35 +679,39 @@ class Monitor:
         self._step_clock.append(now)
         if self._optimizer is None:
             self._measure_update_without_optimizer()  # before the flush that writes the previous step
-        if step - self._base >= self.flush_every or (step > self._base and now >= self._flush_deadline):
-            self._flush(upto=step)
-        row = step - self._base
-        grad_was_enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)  # torch.no_grad() at a fifth of its cost, on every step
-        try:
-            if self._grad_scaler is not None:
-                self._record_loss_and_outputs(row, loss)  # gradients come, unscaled, from optimizer.step()
-            else:
-                self._record_loss_gradients_and_outputs(row, loss)
-            if self._observed and not self._finish_activations(step):
-                self._record_watched_sentinels(row)  # no room left for the statistics: the sums alone
-        finally:
-            torch._C._set_grad_enabled(grad_was_enabled)
-        if self._optimizer is not None:
-            self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
-        if step == 0:
-            self._record_forward_order()
-        if loss is None:
-            self._loss_missing.append(row)
-        elif not self._loss_given:
-            self._loss_given = True  # tells a NaN loss apart from "no loss passed to step()"
-            self._writer.set_meta({"loss_given": True})
-        if self._observed or self._sentinel:
-            # the watched modules' sentinels were written for this step (a sampled step, or
-            # check_outputs with a training forward since the last step); else they read "not checked"
-            self._host_modules_checked[row] = True
-            self._sentinel.clear()
-            self._observed.clear()
+        try:  # until the step counts as recorded, a failure undoes what it kept (_forget_unrecorded)
+            if step - self._base >= self.flush_every or (step > self._base and now >= self._flush_deadline):
+                self._flush(upto=step)
+            row = step - self._base
+            grad_was_enabled = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)  # torch.no_grad() at a fifth of its cost, on every step
+            try:
+                if self._grad_scaler is not None:
+                    self._record_loss_and_outputs(row, loss)  # gradients come, unscaled, from optimizer.step()
+                else:
+                    self._record_loss_gradients_and_outputs(row, loss)
+                if self._observed and not self._finish_activations(step):
+                    self._record_watched_sentinels(row)  # no room left for the statistics: the sums alone
+            finally:
+                torch._C._set_grad_enabled(grad_was_enabled)
+            if self._optimizer is not None:
+                self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
+            if step == 0:
+                self._record_forward_order()
+            if loss is None:
+                self._loss_missing.append(row)
+            elif not self._loss_given:
+                self._loss_given = True  # tells a NaN loss apart from "no loss passed to step()"
+                self._set_meta({"loss_given": True})
+            if self._observed or self._sentinel:
+                # the watched modules' sentinels were written for this step (a sampled step, or
+                # check_outputs with a training forward since the last step); else they read "not checked"
+                self._host_modules_checked[row] = True
+        except BaseException:
+            self._forget_unrecorded(step)
+            raise
+        self._sentinel.clear()
+        self._observed.clear()
         self._held_input = self._held_output = None
         if self._io_sums:
             self._io_sums.clear()
@@ -724,16 +728,25 @@ class Monitor:
         if self._optimizer is None and self.update_every and (step - 1) % self.update_every == 0:
             self._take_snapshot()  # the update of the step just recorded happens after step()
 
-    def _forget_unrecorded(self, row: int) -> None:
-        """Let go of what a ``step()`` that failed before its end kept for ``row``: that step is
-        not recorded, and the next one is recorded on the same row, from a clean start."""
+    def _forget_unrecorded(self, step: int) -> None:
+        """Undo what a ``step()`` that failed before its end kept for its row: that step is not
+        recorded, and the next one is recorded on the same row, from a clean start."""
+        row = step - self._base  # a flush may have run, or failed, before the failure
         for held in (self._held_losses, self._held_grads, self._held_io):
             held.forget(row)
-        for rows in (self._io_unchecked, self._loss_missing):
-            if rows and rows[-1] == row:
-                rows.pop()
-        if 0 <= row < len(self._host_missing):
+        if self._io_unchecked and self._io_unchecked[-1] == row:
+            self._io_unchecked.pop()
+        if self._grad_scaler is None:  # with a GradScaler the row's gradients come from optimizer.step()
             self._host_missing[row] = False
+        self._host_modules_checked[row] = False
+        del self._host_lr[row:]  # one entry per row recorded since the last flush
+        if self._act_steps and self._act_steps[-1] == step:
+            self._act_steps.pop()  # its row of the activation buffer is rewritten by the next sampled step
+        self._step_clock.pop()
+        self._observed.clear()
+        self._sentinel.clear()
+        self._io_sums.clear()
+        self._held_input = self._held_output = None
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         loss = _read_if_on_host(loss)
@@ -923,7 +936,15 @@ class Monitor:
             return len(seen), 0
 
         layers = sorted(self._layout.layer_names, key=rank)
-        self._writer.set_meta({"forward_order": seen, "layers": layers})
+        self._set_meta({"forward_order": seen, "layers": layers})
+
+    def _set_meta(self, values: dict[str, Any]) -> None:
+        """Store run metadata during training: a failed write (a full disk) is a write error, which
+        leaves the run partial, not a reason to stop recording steps."""
+        try:
+            self._writer.set_meta(values)
+        except Exception as e:
+            self._write_error(e)
 
     # ------------------------------------------------------------------ flush (one host copy)
 
@@ -959,7 +980,8 @@ class Monitor:
         carry = self._buf[n].clone()
         self._buf.fill_(math.nan)
         self._buf[0].copy_(carry)
-        self._host_loss.fill(math.nan)  # here, with the rest: a flush that failed midway is tried again whole
+        self._host_loss.fill(math.nan)
+        self._host_losses_written = 0
         self._act_buf.fill_(math.nan)
         self._act_counts.fill(np.nan)
         self._act_steps.clear()
@@ -978,7 +1000,12 @@ class Monitor:
 
     def _write_step_values(self, n: int) -> None:
         """The held steps' losses, gradient norms and input/output sums into the buffer."""
-        self._buf[:n, 0].copy_(torch.from_numpy(self._host_loss[:n]))  # NaN on rows whose loss is on a device
+        # The host-read losses not written yet (NaN on rows whose loss is on a device): a flush tried
+        # again after a failure must not write over the device losses its first try wrote.
+        written = self._host_losses_written
+        if written < n:
+            self._buf[written:n, 0].copy_(torch.from_numpy(self._host_loss[written:n]))
+            self._host_losses_written = n
         self._held_losses.write_into(self._buf[:, :1])
         self._held_grads.write_into(self._buf[:, self._c_grad : self._c_io])
         self._held_io.write_into(self._buf[:, self._c_io : self._c_watched])

@@ -8,7 +8,7 @@ and activation statistics against the module outputs captured by the test's own 
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from torch import nn
 
 import gradscope
 from gradscope.collect import held, stats
+from gradscope.collect import monitor as monitor_module
 
 STEPS = 4
 
@@ -304,7 +305,7 @@ def test_a_held_loss_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
     """A loss on a device waits for the flush detached: holding it must not keep the step's graph
     (a loop that calls step() without backward() would otherwise keep every step's activations)."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
+    with gradscope.Monitor(model, activation_every=0, flush_seconds=None, **quiet) as mon:
         losses = [model(torch.randn(8, 4)).sum() for _ in range(3)]
         for loss in losses:
             mon.step(loss.as_subclass(_DeviceLoss))
@@ -316,10 +317,26 @@ def test_a_held_loss_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
     np.testing.assert_allclose(run.loss, [loss.item() for loss in losses], rtol=1e-6)
 
 
+def _failing_on_call(n: int, real: Callable[..., Any], *, after: bool = False) -> Callable[..., Any]:
+    """``real``, except that its ``n``-th call raises an injected internal failure (``after``: once
+    ``real`` has run)."""
+    calls = 0
+
+    def wrapper(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == n and not after:
+            raise RuntimeError("injected")
+        result = real(*args)
+        if calls == n:
+            raise RuntimeError("injected")
+        return result
+
+    return wrapper
+
+
 @pytest.mark.parametrize("lost", ["gradients", "input and output", "loss"])
-def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
-    lost: str, quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(lost: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """An internal failure while stacking held values warns once, keeps training and recording, and
     stores the steps it held as missing (no gradients, outputs not checked, no loss), never as NaN
     values a detector would report. The step being recorded and the other values are kept."""
@@ -331,21 +348,12 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
     width = {"gradients": 4, "input and output": 2, "loss": 1}[lost]  # values per step
     per_batch = 12 // width
     steps = 3 * per_batch + 1
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with pytest.warns(RuntimeWarning, match="internal error") as caught:
         options = {"flush_seconds": None, "activation_every": 0, "update_every": 0, "check_outputs": lost == "input and output"}
-        with gradscope.Monitor(model, opt, **options, **quiet) as mon:
+        live: list[Any] = []
+        with gradscope.Monitor(model, opt, on_finding=live.append, **options) as mon:
             values = {"gradients": mon._held_grads, "input and output": mon._held_io, "loss": mon._held_losses}[lost]
-            real_stack, calls = values._stack, 0
-
-            def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-                nonlocal calls
-                calls += 1
-                if calls == 2:  # the second batch
-                    raise RuntimeError("injected")
-                return real_stack(tensors)
-
-            values._stack = stack
+            values._stack = _failing_on_call(2, values._stack)  # the second batch
             for _ in range(steps):
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x), y)
@@ -353,7 +361,9 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
                 mon.step(loss.as_subclass(_DeviceLoss) if lost == "loss" else loss)
                 opt.step()
             run = mon.run
-    assert len([w for w in caught if "internal error" in str(w.message)]) == 1
+            assert not mon._nonfinite_flushed  # a lost row was not taken for the run's first NaN
+    assert sum("internal error" in str(w.message) for w in caught) == 1
+    assert "nonfinite" not in {f.code for f in live}
     assert run.n_steps == steps
     missing = np.zeros(steps, dtype=bool)
     missing[per_batch : 2 * per_batch] = True
@@ -385,32 +395,21 @@ def test_losses_held_on_a_device_land_in_their_rows_with_gaps_and_a_retried_step
     monkeypatch.setattr(held, "STACK_BATCH", 3)  # batches close inside a flush, and at its end
     expected_losses: list[float] = []
     expected_norms: list[list[float]] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with gradscope.Monitor(model, opt, flush_every=7, flush_seconds=None, activation_every=0, update_every=0, **quiet) as mon:
-            real_hold = mon._hold_loss_and_io
-            calls = 0
-
-            def failing_once(row: int, loss: Any, io: Any) -> None:
-                nonlocal calls
-                calls += 1
-                real_hold(row, loss, io)
-                if calls == 4:  # a step given a device loss, after it held everything
-                    raise RuntimeError("injected")
-
-            mon._hold_loss_and_io = failing_once  # type: ignore[method-assign]
-            for i in range(20):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x) * (1 + i), y)  # a new value every step
-                loss.backward()
-                given: Any = [loss.detach().to(dtype).as_subclass(_DeviceLoss), loss.item(), None][i % 3]
-                mon.step(given)
-                if i != 3:
-                    expected_losses.append(math.nan if given is None else float(given))
-                    expected_norms.append([p.grad.norm().item() for p in model.parameters()])  # type: ignore[union-attr]
-                opt.step()
-            run = mon.run
-    assert len([w for w in caught if "internal error" in str(w.message)]) == 1
+    with pytest.warns(RuntimeWarning, match="internal error") as caught, gradscope.Monitor(model, opt, flush_every=7, flush_seconds=None, activation_every=0, update_every=0, **quiet) as mon:
+        # the fourth step is given a device loss: it fails after holding everything
+        mon._hold_loss_and_io = _failing_on_call(4, mon._hold_loss_and_io, after=True)  # type: ignore[method-assign]
+        for i in range(20):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x) * (1 + i), y)  # a new value every step
+            loss.backward()
+            given: Any = [loss.detach().to(dtype).as_subclass(_DeviceLoss), loss.item(), None][i % 3]
+            mon.step(given)
+            if i != 3:
+                expected_losses.append(math.nan if given is None else float(given))
+                expected_norms.append([p.grad.norm().item() for p in model.parameters()])  # type: ignore[union-attr]
+            opt.step()
+        run = mon.run
+    assert sum("internal error" in str(w.message) for w in caught) == 1
     np.testing.assert_allclose(run.loss, expected_losses, rtol=1e-6)  # NaN where none was given
     np.testing.assert_array_equal(run.scalar("loss_missing"), np.isnan(expected_losses))
     np.testing.assert_allclose(run.metric("param_grad_norm").to_numpy(), expected_norms, rtol=1e-5)
@@ -433,3 +432,84 @@ def test_a_loss_tensor_the_loop_reuses_in_place_is_recorded_step_by_step(quiet: 
             opt.step()
         run = mon.run
     np.testing.assert_array_equal(run.loss, [0.0, 1.0, 2.0, 3.0, 4.0])
+
+
+def _mlp_and_data() -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05), torch.randn(64, 8), torch.randint(0, 2, (64,))
+
+
+def test_a_flush_that_fails_midway_and_runs_again_keeps_the_losses_held_on_a_device(
+    quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try of a flush writes the held losses into the buffer and lets them go; the flush
+    that runs again must not write over them (with the NaN of their empty host slots)."""
+    model, opt, x, y = _mlp_and_data()
+    failing = _failing_on_call(1, monitor_module.Monitor._derive_step_columns)
+    monkeypatch.setattr(monitor_module.Monitor, "_derive_step_columns", failing)
+    losses = []
+    with pytest.warns(RuntimeWarning, match="internal error") as caught, gradscope.Monitor(model, opt, flush_every=5, flush_seconds=None, **quiet) as mon:
+        for _ in range(12):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.step(loss.as_subclass(_DeviceLoss))
+            losses.append(loss.item())
+            opt.step()
+        run = mon.run
+    assert sum("internal error" in str(w.message) for w in caught) == 1
+    del losses[5]  # the step whose flush failed is not recorded: the next one takes its number
+    np.testing.assert_allclose(run.loss, losses, rtol=1e-6)
+    assert not run.scalar("loss_missing").any()
+    assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}
+
+
+def test_a_step_that_fails_after_its_bookkeeping_leaves_nothing_behind(
+    quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """step() fails late on a sampled step: its learning rates, activation row and module marks are
+    undone, so the next step, recorded on its row, stores its own values and nothing twice."""
+    model, opt, x, y = _mlp_and_data()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # a new lr every step
+    failing = _failing_on_call(1, monitor_module.Monitor._record_forward_order)
+    monkeypatch.setattr(monitor_module.Monitor, "_record_forward_order", failing)  # runs at step 0
+    lrs = []
+    with pytest.warns(RuntimeWarning, match="internal error") as caught, gradscope.Monitor(model, opt, activation_every=1, flush_seconds=None, **quiet) as mon:
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            lrs.append(opt.param_groups[0]["lr"])
+            mon.step(None)
+            opt.step()
+            scheduler.step()
+        run = mon.run
+    assert sum("internal error" in str(w.message) for w in caught) == 1
+    assert run.n_steps == 4
+    np.testing.assert_allclose(run.scalar("lr.0"), lrs[1:])
+    np.testing.assert_array_equal(run.activation_steps, np.arange(4))
+    assert run.meta["forward_order"]
+
+
+def test_a_step_that_fails_while_holding_its_gradients_leaves_no_marks_on_its_row(quiet: dict[str, Any]) -> None:
+    """The failed attempt had a parameter with no gradient and a finite loss (outputs "not
+    checked"); the next step, recorded on its row, has every gradient and a NaN loss, so its input
+    and output are checked: neither mark of the failed attempt may stay."""
+    model, opt, x, y = _mlp_and_data()
+    with pytest.warns(RuntimeWarning, match="internal error") as caught, gradscope.Monitor(model, opt, activation_every=0, update_every=0, flush_seconds=None, **quiet) as mon:
+        mon._held_grads.hold = _failing_on_call(3, mon._held_grads.hold)  # type: ignore[method-assign]
+        for i in range(5):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if i == 2:
+                model[2].bias.grad = None  # the failed attempt: one gradient missing
+            mon.step(loss * math.nan if i == 3 else loss)  # the retry on row 2: a NaN loss
+            opt.step()
+        run = mon.run
+    assert sum("internal error" in str(w.message) for w in caught) == 1
+    assert run.n_steps == 4
+    assert run.metric("grad_missing").to_numpy()[2].sum() == 0
+    flags = run.metric("output_nonfinite")[["(input)", "(output)"]].to_numpy()
+    np.testing.assert_array_equal(flags[2], [0.0, 0.0])  # checked, and finite
+    assert np.isnan(flags[[0, 1, 3]]).all()  # finite losses: not checked

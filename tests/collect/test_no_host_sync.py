@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gradscope
+from gradscope.collect import held
 from gradscope.collect.monitor import Monitor
 
 _SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__array__")
@@ -70,7 +71,9 @@ def test_no_host_copy_between_flushes(name: str, cases: Any, monkeypatch: pytest
         _train(case, model, opt, None, 40, start=1)
 
     model, opt = fresh()
-    # every collection path on every step: activations, updates, output checks, all on each step
+    # every collection path on every step: activations, updates, output checks, all on each step,
+    # and held values stacked every few steps
+    monkeypatch.setattr(held, "STACK_BATCH", 8)
     mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, activation_every=1, update_every=1, check_outputs=True, on_finding=None)
     _train(case, model, opt, mon, 1)
     inside_step: Counter[str] = Counter()
