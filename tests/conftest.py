@@ -279,6 +279,17 @@ def case(request: pytest.FixtureRequest) -> Case:
     return CASES[request.param]
 
 
+class DeviceLoss(torch.Tensor):
+    """A loss as ``step()`` gets it on an accelerator: not a plain CPU tensor, so the Monitor holds
+    it on its device instead of reading it (this machine has no accelerator to put one on)."""
+
+
+@pytest.fixture
+def device_loss() -> Callable[[torch.Tensor], torch.Tensor]:
+    """``device_loss(t)``: ``t`` (sharing its data and graph) as a loss on an accelerator."""
+    return lambda t: t.as_subclass(DeviceLoss)
+
+
 @pytest.fixture
 def quiet() -> dict[str, Any]:
     """Monitor options that keep live detection out of tests of collection and storage."""

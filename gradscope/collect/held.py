@@ -16,10 +16,10 @@ import torch
 __all__ = ["STACK_BATCH", "HeldValues"]
 
 # The most values held before they are stacked (a step with more is stacked on its own): ~128 steps
-# of a model with 4 parameter tensors, ~10 of one with 52. More does not pay, as a held value costs the stack more once it has left the
-# cache. Measured as the mean time of step(), flushes included, against one stack per step: 512
-# saves ~4 µs per step on the 4-tensor MLP of the overhead benchmark and costs the same on its
-# 52-tensor MLP; holding 4096 cost that one ~60 µs more per step.
+# of a model with 4 parameter tensors, ~10 of one with 52. More does not pay, as a held value costs
+# the stack more once it has left the cache. Measured as the mean time of step(), flushes included,
+# against one stack per step: 512 saves ~4 µs per step on the 4-tensor MLP of the overhead benchmark
+# and costs the same on its 52-tensor MLP; holding 4096 cost that one ~60 µs more per step.
 STACK_BATCH = 512
 
 
@@ -40,7 +40,6 @@ class HeldValues:
         on_lost: Callable[[list[int], Exception], None],
     ) -> None:
         self.width = width
-        self._batch = STACK_BATCH
         self._stack = stack
         self._on_lost = on_lost
         self._values: list[torch.Tensor] = []  # not stacked yet: `width` per row of _rows
@@ -50,7 +49,7 @@ class HeldValues:
 
     def hold(self, row: int, values: list[torch.Tensor]) -> None:
         """Keep one step's values (``width`` of them) for the buffer row ``row``."""
-        if len(self._values) + len(values) > self._batch:
+        if len(self._values) + len(values) > STACK_BATCH:
             self._stack_held()  # the earlier steps only
         self._values += values
         self._rows.append(row)

@@ -208,9 +208,9 @@ class Monitor:
         self._n_groups = len(optimizer.param_groups) if optimizer is not None else 0
         # Columns of the device step buffer: loss | per-parameter grad norm | input and output sentinels
         # | sentinel per watched module | param norm | update norm. The first three are held per step
-        # and written by the flush (see below). The watched modules' sentinels
-        # are written only on the steps that check them; layer-level and run-level values are derived
-        # on the host at flush (_derive_step_columns).
+        # and written by the flush (see below). The watched modules' sentinels are written only on
+        # the steps that check them; layer-level and run-level values are derived on the host at
+        # flush (_derive_step_columns).
         self._c_grad = 1
         self._c_io = self._c_grad + n_params  # the input batch, then the model's output
         self._c_watched = self._c_io + 2
@@ -319,9 +319,8 @@ class Monitor:
         loss), or ``None`` when the step has none to give: it is then stored as NaN and marked in
         ``loss_missing``, so it is not read as a NaN loss. No device-to-host copy happens here except
         at a write (every ``flush_every`` steps or ``flush_seconds``): a loss on an accelerator is
-        kept there until then. A loss on the
-        CPU is read at once, which waits for nothing (it also decides whether the input batch and
-        the output are checked: see ``check_outputs``).
+        kept there until then. A loss on the CPU is read at once, which waits for nothing (it also
+        decides whether the input batch and the output are checked: see ``check_outputs``).
         """
         if self._closed:
             raise InvalidInputError("step() called after the Monitor was closed; create a new Monitor for a new run")
@@ -686,10 +685,7 @@ class Monitor:
             grad_was_enabled = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() at a fifth of its cost, on every step
             try:
-                if self._grad_scaler is not None:
-                    self._record_loss_and_outputs(row, loss)  # gradients come, unscaled, from optimizer.step()
-                else:
-                    self._record_loss_gradients_and_outputs(row, loss)
+                self._record_loss_gradients_and_outputs(row, loss)
                 if self._observed and not self._finish_activations(step):
                     self._record_watched_sentinels(row)  # no room left for the statistics: the sums alone
             finally:
@@ -749,16 +745,14 @@ class Monitor:
         self._held_input = self._held_output = None
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
+        """The step's loss, gradient norms (with a GradScaler they come, unscaled, from
+        optimizer.step() instead) and input/output sums. A loss already on the host goes to the
+        host array; one on a device is held, detached (no graph kept), with no wait for the device.
+        The holds come last, gradients first: a failure before them leaves nothing held."""
         loss = _read_if_on_host(loss)
         io = self._io_sentinels(row, loss)
-        self._held_grads.hold(row, self._gradient_norms(row))
-        self._hold_loss_and_io(row, loss, io)
-        if self._sentinel and not self._observed:
-            self._record_watched_sentinels(row)
-
-    def _hold_loss_and_io(self, row: int, loss: torch.Tensor | float | None, io: list[torch.Tensor] | None) -> None:
-        """A loss already on the host goes to the host array; one on a device is held, detached
-        (no graph kept), with no wait for the device now. The input and output sums, when checked."""
+        if self._grad_scaler is None:
+            self._held_grads.hold(row, self._gradient_norms(row))
         if isinstance(loss, torch.Tensor):
             # a copy: the loop may reuse the tensor in place (an accumulator, a CUDA graph's output)
             self._held_losses.hold(row, [loss.detach().reshape(()).clone()])
@@ -766,6 +760,8 @@ class Monitor:
             self._host_loss[row] = math.nan if loss is None else loss
         if io is not None:
             self._held_io.hold(row, io)
+        if self._sentinel and not self._observed:
+            self._record_watched_sentinels(row)
 
     def _when_lost(self, mark: Callable[[list[int]], None]) -> Callable[[list[int], Exception], None]:
         """What a HeldValues does when its values are lost (a failed stack or write): mark their
@@ -788,12 +784,6 @@ class Monitor:
     def _mark_outputs_unchecked(self, rows: list[int]) -> None:
         self._io_unchecked += rows
         self._buf[rows, self._c_io : self._c_watched] = 0.0  # finite, so combined ranks do not read a NaN
-
-    def _record_loss_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
-        loss = _read_if_on_host(loss)
-        self._hold_loss_and_io(row, loss, self._io_sentinels(row, loss))
-        if self._sentinel and not self._observed:
-            self._record_watched_sentinels(row)
 
     def _write(self, values: list[torch.Tensor], out: torch.Tensor) -> None:
         """Stack 0-d values into a slice of a device buffer: one write, whatever device each value

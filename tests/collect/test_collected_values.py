@@ -291,28 +291,26 @@ def test_step_values_stacked_in_batches_match_torch(
     per_step = len([p for p in model.parameters() if p.requires_grad])  # one gradient norm each
     monkeypatch.setattr(held, "STACK_BATCH", batch_of(per_step))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradscope.Monitor(model, opt, flush_every=7, activation_every=0, update_every=1, check_outputs=True, **quiet) as mon:
+    options = {"flush_every": 7, "activation_every": 0, "update_every": 1, "check_outputs": True}
+    with gradscope.Monitor(model, opt, **options, **quiet) as mon:
         trace = case.train(model, opt, mon, 17)
         run = mon.run
     reference.check_run(run, model, trace, activations=False)
 
 
-class _DeviceLoss(torch.Tensor):
-    """A loss as step() gets it on an accelerator: not a plain CPU tensor, so it is held, not read."""
-
-
-def test_a_held_loss_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
+def test_a_held_loss_holds_no_autograd_graph(device_loss: Any, quiet: dict[str, Any]) -> None:
     """A loss on a device waits for the flush detached: holding it must not keep the step's graph
     (a loop that calls step() without backward() would otherwise keep every step's activations)."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with gradscope.Monitor(model, activation_every=0, flush_seconds=None, **quiet) as mon:
         losses = [model(torch.randn(8, 4)).sum() for _ in range(3)]
         for loss in losses:
-            mon.step(loss.as_subclass(_DeviceLoss))
+            mon.step(device_loss(loss))
         held_losses = mon._held_losses._values
         assert len(held_losses) == 3
         # neither the tensor nor what it is a view of keeps a graph
-        assert all(t.grad_fn is None and not t.requires_grad and (t._base is None or t._base.grad_fn is None) for t in held_losses)
+        for t in held_losses:
+            assert t.grad_fn is None and not t.requires_grad and (t._base is None or t._base.grad_fn is None)
         run = mon.run
     np.testing.assert_allclose(run.loss, [loss.item() for loss in losses], rtol=1e-6)
 
@@ -336,7 +334,9 @@ def _failing_on_call(n: int, real: Callable[..., Any], *, after: bool = False) -
 
 
 @pytest.mark.parametrize("lost", ["gradients", "input and output", "loss"])
-def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(lost: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
+    lost: str, device_loss: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An internal failure while stacking held values warns once, keeps training and recording, and
     stores the steps it held as missing (no gradients, outputs not checked, no loss), never as NaN
     values a detector would report. The step being recorded and the other values are kept."""
@@ -349,7 +349,8 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
     per_batch = 12 // width
     steps = 3 * per_batch + 1
     with pytest.warns(RuntimeWarning, match="internal error") as caught:
-        options = {"flush_seconds": None, "activation_every": 0, "update_every": 0, "check_outputs": lost == "input and output"}
+        checks = lost == "input and output"
+        options = {"flush_seconds": None, "activation_every": 0, "update_every": 0, "check_outputs": checks}
         live: list[Any] = []
         with gradscope.Monitor(model, opt, on_finding=live.append, **options) as mon:
             values = {"gradients": mon._held_grads, "input and output": mon._held_io, "loss": mon._held_losses}[lost]
@@ -358,7 +359,7 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x), y)
                 loss.backward()
-                mon.step(loss.as_subclass(_DeviceLoss) if lost == "loss" else loss)
+                mon.step(device_loss(loss) if lost == "loss" else loss)
                 opt.step()
             run = mon.run
             assert not mon._nonfinite_flushed  # a lost row was not taken for the run's first NaN
@@ -369,7 +370,8 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
     missing[per_batch : 2 * per_batch] = True
     np.testing.assert_array_equal(run.scalar("loss_missing"), missing if lost == "loss" else False)
     assert np.isfinite(run.loss[~missing]).all() and (lost == "loss" or np.isfinite(run.loss).all())
-    np.testing.assert_array_equal(run.metric("grad_missing").to_numpy().sum(axis=1) > 0, missing if lost == "gradients" else False)
+    any_missing = run.metric("grad_missing").to_numpy().sum(axis=1) > 0
+    np.testing.assert_array_equal(any_missing, missing if lost == "gradients" else False)
     assert np.isfinite(run.metric("grad_norm").to_numpy()).all()
     flags = run.metric("output_nonfinite")[["(input)", "(output)"]].to_numpy()
     if lost == "input and output":
@@ -383,7 +385,7 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_losses_held_on_a_device_land_in_their_rows_with_gaps_and_a_retried_step(
-    dtype: torch.dtype, quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, device_loss: Any, quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Losses on a device (of any dtype) mixed with numbers and steps given none leave gaps in the
     held rows. A step() that fails after holding its values is not recorded: the next step takes
@@ -395,14 +397,19 @@ def test_losses_held_on_a_device_land_in_their_rows_with_gaps_and_a_retried_step
     monkeypatch.setattr(held, "STACK_BATCH", 3)  # batches close inside a flush, and at its end
     expected_losses: list[float] = []
     expected_norms: list[list[float]] = []
-    with pytest.warns(RuntimeWarning, match="internal error") as caught, gradscope.Monitor(model, opt, flush_every=7, flush_seconds=None, activation_every=0, update_every=0, **quiet) as mon:
+    options = {"flush_every": 7, "flush_seconds": None, "activation_every": 0, "update_every": 0}
+    with (
+        pytest.warns(RuntimeWarning, match="internal error") as caught,
+        gradscope.Monitor(model, opt, **options, **quiet) as mon,
+    ):
         # the fourth step is given a device loss: it fails after holding everything
-        mon._hold_loss_and_io = _failing_on_call(4, mon._hold_loss_and_io, after=True)  # type: ignore[method-assign]
+        record = mon._record_loss_gradients_and_outputs
+        mon._record_loss_gradients_and_outputs = _failing_on_call(4, record, after=True)  # type: ignore[method-assign]
         for i in range(20):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x) * (1 + i), y)  # a new value every step
             loss.backward()
-            given: Any = [loss.detach().to(dtype).as_subclass(_DeviceLoss), loss.item(), None][i % 3]
+            given: Any = [device_loss(loss.detach().to(dtype)), loss.item(), None][i % 3]
             mon.step(given)
             if i != 3:
                 expected_losses.append(math.nan if given is None else float(given))
@@ -415,13 +422,15 @@ def test_losses_held_on_a_device_land_in_their_rows_with_gaps_and_a_retried_step
     np.testing.assert_allclose(run.metric("param_grad_norm").to_numpy(), expected_norms, rtol=1e-5)
 
 
-def test_a_loss_tensor_the_loop_reuses_in_place_is_recorded_step_by_step(quiet: dict[str, Any]) -> None:
+def test_a_loss_tensor_the_loop_reuses_in_place_is_recorded_step_by_step(
+    device_loss: Any, quiet: dict[str, Any]
+) -> None:
     """A loss on a device is held until the write: a loop that writes each step's loss into the
     same tensor (an accumulator, a CUDA graph's static output) still gets each step's value."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    total = torch.zeros(()).as_subclass(_DeviceLoss)
+    total = device_loss(torch.zeros(()))
     with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
         for i in range(5):
             opt.zero_grad()
@@ -441,7 +450,7 @@ def _mlp_and_data() -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, tor
 
 
 def test_a_flush_that_fails_midway_and_runs_again_keeps_the_losses_held_on_a_device(
-    quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    device_loss: Any, quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first try of a flush writes the held losses into the buffer and lets them go; the flush
     that runs again must not write over them (with the NaN of their empty host slots)."""
@@ -449,12 +458,15 @@ def test_a_flush_that_fails_midway_and_runs_again_keeps_the_losses_held_on_a_dev
     failing = _failing_on_call(1, monitor_module.Monitor._derive_step_columns)
     monkeypatch.setattr(monitor_module.Monitor, "_derive_step_columns", failing)
     losses = []
-    with pytest.warns(RuntimeWarning, match="internal error") as caught, gradscope.Monitor(model, opt, flush_every=5, flush_seconds=None, **quiet) as mon:
+    with (
+        pytest.warns(RuntimeWarning, match="internal error") as caught,
+        gradscope.Monitor(model, opt, flush_every=5, flush_seconds=None, **quiet) as mon,
+    ):
         for _ in range(12):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
-            mon.step(loss.as_subclass(_DeviceLoss))
+            mon.step(device_loss(loss))
             losses.append(loss.item())
             opt.step()
         run = mon.run
@@ -475,7 +487,10 @@ def test_a_step_that_fails_after_its_bookkeeping_leaves_nothing_behind(
     failing = _failing_on_call(1, monitor_module.Monitor._record_forward_order)
     monkeypatch.setattr(monitor_module.Monitor, "_record_forward_order", failing)  # runs at step 0
     lrs = []
-    with pytest.warns(RuntimeWarning, match="internal error") as caught, gradscope.Monitor(model, opt, activation_every=1, flush_seconds=None, **quiet) as mon:
+    with (
+        pytest.warns(RuntimeWarning, match="internal error") as caught,
+        gradscope.Monitor(model, opt, activation_every=1, flush_seconds=None, **quiet) as mon,
+    ):
         for _ in range(5):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
@@ -496,7 +511,10 @@ def test_a_step_that_fails_while_holding_its_gradients_leaves_no_marks_on_its_ro
     checked"); the next step, recorded on its row, has every gradient and a NaN loss, so its input
     and output are checked: neither mark of the failed attempt may stay."""
     model, opt, x, y = _mlp_and_data()
-    with pytest.warns(RuntimeWarning, match="internal error") as caught, gradscope.Monitor(model, opt, activation_every=0, update_every=0, flush_seconds=None, **quiet) as mon:
+    with (
+        pytest.warns(RuntimeWarning, match="internal error") as caught,
+        gradscope.Monitor(model, opt, activation_every=0, update_every=0, flush_seconds=None, **quiet) as mon,
+    ):
         mon._held_grads.hold = _failing_on_call(3, mon._held_grads.hold)  # type: ignore[method-assign]
         for i in range(5):
             opt.zero_grad()

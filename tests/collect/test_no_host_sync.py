@@ -38,13 +38,15 @@ def _count_host_copies(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]
         yield counts
 
 
-class _DeviceLoss(torch.Tensor):
-    """A loss as step() gets it on an accelerator: not a plain CPU tensor, so it is held, not read
-    (a CPU loss is read on purpose: see the last test)."""
-
-
 def _train(
-    case: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, mon: Monitor | None, steps: int, start: int = 0, *, device_loss: bool = False
+    case: Any,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    mon: Monitor | None,
+    steps: int,
+    start: int = 0,
+    *,
+    as_loss: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> None:
     for step in range(start, start + steps):
         opt.zero_grad()
@@ -52,12 +54,13 @@ def _train(
         loss = case.loss_fn(model(x), y)
         loss.backward()
         if mon is not None:
-            mon.step(loss.as_subclass(_DeviceLoss) if device_loss else loss)
+            mon.step(as_loss(loss))
         opt.step()
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "lstm"])
-def test_no_host_copy_between_flushes(name: str, cases: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_host_copy_between_flushes(name: str, cases: Any, device_loss: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss is given as on an accelerator: a CPU loss is read on purpose (the last test)."""
     case = cases[name]
 
     def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -86,14 +89,14 @@ def test_no_host_copy_between_flushes(name: str, cases: Any, monkeypatch: pytest
 
     mon.step = counted_step  # type: ignore[method-assign]
     with _count_host_copies(monkeypatch) as copies:
-        _train(case, model, opt, mon, 40, start=1, device_loss=True)
+        _train(case, model, opt, mon, 40, start=1, as_loss=device_loss)
     assert inside_step["any"] == 0, f"mon.step() copied to the host: {dict(copies)}"
     assert copies == baseline, f"the Monitor's hooks copied to the host: {dict(copies - baseline)}"
     mon.close()
     assert mon.run.n_steps == 41  # and nothing was lost by not copying
 
 
-def test_the_counter_catches_a_deliberate_item(cases: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_counter_catches_a_deliberate_item(cases: Any, device_loss: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The test above can fail: a per-step ``.item()`` slipped into step() is counted."""
     case = cases["mlp"]
     model = case.model()
@@ -107,7 +110,7 @@ def test_the_counter_catches_a_deliberate_item(cases: Any, monkeypatch: pytest.M
 
     monkeypatch.setattr(Monitor, "_record_step", leaky)
     with _count_host_copies(monkeypatch) as copies:
-        _train(case, model, opt, mon, 5, device_loss=True)
+        _train(case, model, opt, mon, 5, as_loss=device_loss)
     mon.close()
     assert copies["item"] == 5
     with _count_host_copies(monkeypatch) as copies:
