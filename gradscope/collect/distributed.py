@@ -25,6 +25,13 @@ __all__ = ["DistributedContext", "refuse_sharded_parameters"]
 # first non-finite rank are stored (a column per rank per step would dominate the run's size).
 MAX_RANK_COLUMNS = 256
 
+# The last exchange's collective stays referenced here until the next one. gloo's worker thread
+# lets go of a finished all_gather a moment after it returns (a later barrier() can hold it even
+# longer), and if that was the last reference, the thread frees the tensors, which takes the GIL.
+# At interpreter exit it cannot, and the process aborts ("terminate called without an active
+# exception"). Held here, the collective is freed by Python, on its own thread.
+_last_exchange: list[dist.Work] = []
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -51,7 +58,10 @@ class DistributedContext:
         """Every rank's copy of ``tensors``, each with a leading world dimension, in one collective."""
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
         gathered = [torch.empty_like(flat) for _ in range(self.world_size)]
-        dist.all_gather(gathered, flat)
+        work = dist.all_gather(gathered, flat, async_op=True)
+        assert work is not None
+        work.wait()
+        _last_exchange[:] = [work]
         stacked = torch.stack(gathered)  # (world, total)
         out, offset = [], 0
         for t in tensors:
