@@ -7,7 +7,8 @@ writes the run. Run it, then diagnose:
     gradscope check runs/ddp
 
 Usage: torchrun --standalone --nproc_per_node=2 ddp_example.py LOG_DIR MODE OUT_DIR
-MODE "healthy" trains normally; "nan_rank1" puts a NaN into rank 1's batch at step NAN_STEP.
+MODE "healthy" trains normally; "nan_rank1" puts a NaN into rank 1's batch at step NAN_STEP;
+"loss_on_rank0" passes the loss to step() on rank 0 only, as a loop that logs there might.
 Each rank writes what it saw (its losses, and on rank 0 the averaged gradient norms) to OUT_DIR.
 """
 
@@ -49,7 +50,7 @@ def main() -> None:
                 loss.backward()
                 losses.append(float(loss))
                 grad_norms.append([float(p.grad.norm()) for p in model.parameters()])  # type: ignore[union-attr]
-                mon.step(loss)
+                mon.step(loss if mode != "loss_on_rank0" or rank == 0 else None)
                 opt.step()
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump({"losses": losses, "grad_norms": grad_norms}, f)

@@ -952,7 +952,7 @@ class Monitor:
             self._fill_sampled_sentinels(host, parts, counts)
             per_rank = None
         else:
-            host, parts, counts, per_rank = self._combine_ranks(n, k)
+            host, parts, counts, per_rank, loss_given = self._combine_ranks(n, k, loss_given)
         if self._dist is None or self._dist.is_writer:
             step_columns = self._derive_step_columns(host, n, self._base, per_rank, loss_given)
             chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), step_columns)]
@@ -1000,26 +1000,36 @@ class Monitor:
         self._held_grads.write_into(self._buf[:, self._c_grad : self._c_io])
         self._held_io.write_into(self._buf[:, self._c_io : self._c_watched])
 
-    def _combine_ranks(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """One all_gather of this flush's buffers, combined across ranks (see collect/distributed.py)."""
+    def _combine_ranks(
+        self, n: int, k: int, loss_given: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One all_gather of this flush's buffers, combined across ranks (see collect/distributed.py).
+        ``loss_given`` says which of this rank's steps have a loss; the combined one says which
+        steps have one on any rank (their loss is the mean over the ranks that gave one)."""
         assert self._dist is not None
         counts = torch.from_numpy(self._act_counts[:k]).to(self._device)
-        steps, acts, act_counts = self._dist.gather([self._buf[:n], self._act_buf[:k], counts])
+        given = torch.from_numpy(loss_given).to(self._device)
+        steps, acts, act_counts, given_by_rank = self._dist.gather([self._buf[:n], self._act_buf[:k], counts, given])
         steps_np = steps.cpu().numpy().astype(np.float64)  # (world, n, cols)
         acts_np = acts.cpu().numpy().astype(np.float64)  # (world, k, watched+1, parts)
         counts_np = act_counts.cpu().numpy().astype(np.float64)
+        given_np = given_by_rank.cpu().numpy().T > 0.5  # (n, world)
         self._fill_sampled_sentinels(steps_np, acts_np, counts_np)  # per rank, before ranks are compared
         with np.errstate(invalid="ignore"):
             host = steps_np.mean(axis=0)  # gradients, weights, updates: equal on every rank under DDP
             cols = self._sentinel_cols
             host[:, cols] = steps_np[:, :, cols].sum(axis=0)
             losses = steps_np[:, :, 0].T  # (n, world)
+            givers = given_np.sum(axis=1)
+            host[:, 0] = np.where(given_np, losses, 0.0).sum(axis=1) / np.maximum(givers, 1)
+            host[givers == 0, 0] = math.nan
             # A rank "went non-finite" by its own loss or forward outputs; gradients cannot tell, as
-            # DDP's all-reduce spreads one rank's NaN gradient to every rank.
+            # DDP's all-reduce spreads one rank's NaN gradient to every rank. A step a rank gave no
+            # loss for holds a NaN placeholder there, not a NaN loss.
             outputs = steps_np[:, :, cols]
             # watched modules not checked on a step hold NaN placeholders, not NaN values
             outputs[:, ~self._host_modules_checked[:n], : self._n_watched] = 0.0
-            bad = ~np.isfinite(losses) | ~np.isfinite(outputs).all(axis=2).T
+            bad = (~np.isfinite(losses) & given_np) | ~np.isfinite(outputs).all(axis=2).T
             first_bad = np.where(bad.any(axis=1), bad.argmax(axis=1), np.nan)
             parts = acts_np.sum(axis=0)
             parts[..., stats.PART_MIN] = acts_np[..., stats.PART_MIN].min(axis=0)
@@ -1029,7 +1039,7 @@ class Monitor:
             counts_all[..., 0] = counts_np[..., 0].sum(axis=0)
             counts_all[..., 2] = counts_np[..., 2].sum(axis=0)
         per_rank = np.concatenate([losses if self._dist.keeps_rank_losses else np.zeros((n, 0)), first_bad[:, None]], axis=1)
-        return host, parts, counts_all, per_rank
+        return host, parts, counts_all, per_rank, givers > 0
 
     def _derive_step_columns(
         self, host: np.ndarray, n: int, first_step: int, per_rank: np.ndarray | None, loss_given: np.ndarray

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.collect import held, stats
+from gradscope.collect import distributed, held, stats
 from gradscope.collect import monitor as monitor_module
 
 STEPS = 4
@@ -256,9 +256,30 @@ def test_the_cpu_work_buffer_changes_no_statistic(make: Any) -> None:
         torch.testing.assert_close(reused.unit_sumsq, fresh.unit_sumsq, equal_nan=True)
 
 
-def test_steps_given_no_loss_are_marked_and_read_as_no_nan_loss(quiet: dict[str, Any]) -> None:
+def _as_two_ranks_seeing_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a Monitor believe it is rank 0 of 2 whose peer recorded exactly what it did: ranks
+    combine their statistics in-process, through a stand-in for all_gather."""
+
+    def all_gather(outputs: list[torch.Tensor], flat: torch.Tensor, async_op: bool = False) -> Any:
+        for out in outputs:
+            out.copy_(flat)
+        finished: torch.futures.Future[None] = torch.futures.Future()
+        finished.set_result(None)
+        return finished  # stands in for the finished collective: only its wait() is called
+
+    monkeypatch.setattr(distributed.DistributedContext, "detect", classmethod(lambda cls: cls(rank=0, world_size=2)))
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_steps_given_no_loss_are_marked_and_read_as_no_nan_loss(
+    ranks: int, quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A loop that passes its loss only on some steps (say, when it logs): the others store a NaN
-    placeholder marked in ``loss_missing``, which diagnose does not read as a NaN loss."""
+    placeholder marked in ``loss_missing``, which diagnose does not read as a NaN loss, nor, across
+    ranks, as a rank that went non-finite."""
+    if ranks == 2:
+        _as_two_ranks_seeing_the_same(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -275,6 +296,8 @@ def test_steps_given_no_loss_are_marked_and_read_as_no_nan_loss(quiet: dict[str,
     np.testing.assert_array_equal(run.scalar("loss_missing"), [0.0 if g else 1.0 for g in given])
     assert np.isfinite(run.loss[given]).all() and np.isnan(run.loss[~np.asarray(given)]).all()
     assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}
+    if ranks == 2:
+        assert np.isnan(run.scalar("nonfinite_rank")).all()
 
 
 @pytest.mark.parametrize(
@@ -333,13 +356,17 @@ def _failing_on_call(n: int, real: Callable[..., Any], *, after: bool = False) -
     return wrapper
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("lost", ["gradients", "input and output", "loss"])
 def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
-    lost: str, device_loss: Any, monkeypatch: pytest.MonkeyPatch
+    lost: str, ranks: int, device_loss: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An internal failure while stacking held values warns once, keeps training and recording, and
     stores the steps it held as missing (no gradients, outputs not checked, no loss), never as NaN
-    values a detector would report. The step being recorded and the other values are kept."""
+    values a detector would report. The step being recorded and the other values are kept. Across
+    ranks, a lost step is not taken for a rank that went non-finite either."""
+    if ranks == 2:
+        _as_two_ranks_seeing_the_same(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -376,11 +403,13 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
     flags = run.metric("output_nonfinite")[["(input)", "(output)"]].to_numpy()
     if lost == "input and output":
         assert np.isnan(flags[missing]).all() and (flags[~missing] == 0).all()
-    elif lost == "gradients":
+    elif lost == "gradients" and ranks == 1:
         assert np.isnan(flags).all()  # not checked: the (CPU) loss was read, and finite
     else:
-        assert (flags == 0).all()  # checked: a loss on a device is not read to decide
+        assert (flags == 0).all()  # checked: a loss on a device is not read to decide, nor across ranks
     assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}
+    if ranks == 2:
+        assert run.meta["world_size"] == 2 and np.isnan(run.scalar("nonfinite_rank")).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -63,3 +63,12 @@ def test_a_nan_on_one_rank_is_recorded_with_that_rank(tmp_path: Path) -> None:
     assert finding.evidence["rank"] == 1
     assert "rank 1" in finding.message
     assert finding.layers[0] == "(input)"
+
+
+def test_a_loss_passed_on_rank_0_only_is_the_steps_loss_and_no_rank_went_non_finite(tmp_path: Path) -> None:
+    run, ranks = _run_job(tmp_path, "loss_on_rank0")
+    np.testing.assert_allclose(run.loss, ranks[0]["losses"], rtol=1e-5)
+    assert not run.scalar("loss_missing").any()
+    assert np.isnan(run.scalar("loss_rank.1")).all()
+    assert np.isnan(run.scalar("nonfinite_rank")).all()
+    assert "nonfinite" not in {f.code for f in gradscope.diagnose(run)}
