@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradscope.collect.monitor import Monitor
 from gradscope.store.schema import ACTIVATION_METRICS
 
 # --------------------------------------------------------------------------- tiny models
@@ -288,6 +289,18 @@ class DeviceLoss(torch.Tensor):
 def device_loss() -> Callable[[torch.Tensor], torch.Tensor]:
     """``device_loss(t)``: ``t`` (sharing its data and graph) as a loss on an accelerator."""
     return lambda t: t.as_subclass(DeviceLoss)
+
+
+def _hold_gradients_on_device(monitor: Monitor) -> Monitor:
+    monitor._grads_read_into = None
+    return monitor
+
+
+@pytest.fixture
+def device_gradients() -> Callable[[Monitor], Monitor]:
+    """``device_gradients(mon)``: ``mon`` holding each step's gradient norms on their device until a
+    write, as on an accelerator (on the CPU it reads them at once, as that waits for nothing)."""
+    return _hold_gradients_on_device
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
 """Per-step device values held until the flush, stacked in batches rather than one stack per step.
 
-A step's gradient norms (and, when they are device values, its loss and the sums that check its
-input batch and output) are 0-d tensors. Stacking them into a row every step is a device op of its
-own: ~12 µs of a 0.6 ms MLP step on CPU, where every extra op runs cold after the backward pass, and
-a kernel launch on an accelerator. Held as they are and stacked many steps at a time, they cost about
-half a microsecond each.
+A step's gradient norms on an accelerator (and, when they are device values, its loss and the sums
+that check its input batch and output) are 0-d tensors. Stacking them into a row every step is a
+device op of its own: a kernel launch on an accelerator, ~12 µs of a 0.6 ms MLP step on CPU, where
+every extra op runs cold after the backward pass. Held as they are and stacked many steps at a time,
+they cost about half a microsecond each. (On the CPU the Monitor reads gradient norms at once
+instead: there, hundreds of small tensors kept across steps slow the next backward pass.)
 """
 
 from __future__ import annotations

@@ -223,9 +223,14 @@ class Monitor:
         self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
         # Each step's loss: read on the host when that waits for nothing (a CPU tensor, a number; NaN
         # when none was given), else held on its device. Its gradient norms (with a GradScaler they
-        # are written from optimizer.step() instead), and the sums that check its input batch and
-        # output, are held on the device (see held.py). All go into the buffer at the flush. A held
-        # step that is lost (an internal error) is stored as missing, not as NaN.
+        # are written from optimizer.step() instead) likewise: read into the buffer at once when it
+        # and every parameter are on the CPU, else held on the device. The sums that check its input
+        # batch and output are held (see held.py). All held values go into the buffer at the flush;
+        # a held step that is lost (an internal error) is stored as missing, not as NaN.
+        # (On the CPU, holding the norms would cost more than reading them: hundreds of small tensors
+        # kept across steps made the next backward pass ~15 µs slower on a 0.6 ms MLP step.)
+        on_cpu = self._device.type == "cpu" and all(p.device == self._device for p in layout.params)
+        self._grads_read_into: np.ndarray | None = self._buf.numpy() if on_cpu else None  # the same memory
         self._host_loss = np.full(rows, math.nan)
         self._host_losses_written = 0  # rows of _host_loss already in the buffer (see _write_step_values)
         self._held_losses = HeldValues(1, self._stack, self._when_lost(self._mark_losses_missing))
@@ -318,9 +323,10 @@ class Monitor:
         ``loss`` is a scalar tensor or a number (with gradient accumulation: the step's total or mean
         loss), or ``None`` when the step has none to give: it is then stored as NaN and marked in
         ``loss_missing``, so it is not read as a NaN loss. No device-to-host copy happens here except
-        at a write (every ``flush_every`` steps or ``flush_seconds``): a loss on an accelerator is
-        kept there until then. A loss on the CPU is read at once, which waits for nothing (it also
-        decides whether the input batch and the output are checked: see ``check_outputs``).
+        at a write (every ``flush_every`` steps or ``flush_seconds``): a loss and gradient norms on an
+        accelerator are kept there until then. On the CPU they are read at once, which waits for
+        nothing (the loss also decides whether the input batch and the output are checked: see
+        ``check_outputs``).
         """
         if self._closed:
             raise InvalidInputError("step() called after the Monitor was closed; create a new Monitor for a new run")
@@ -752,7 +758,11 @@ class Monitor:
         loss = _read_if_on_host(loss)
         io = self._io_sentinels(row, loss)
         if self._grad_scaler is None:
-            self._held_grads.hold(row, self._gradient_norms(row))
+            norms = self._gradient_norms(row)
+            if self._grads_read_into is not None:
+                self._grads_read_into[row, self._c_grad : self._c_io] = [norm.item() for norm in norms]
+            else:
+                self._held_grads.hold(row, norms)
         if isinstance(loss, torch.Tensor):
             # a copy: the loop may reuse the tensor in place (an accumulator, a CUDA graph's output)
             self._held_losses.hold(row, [loss.detach().reshape(()).clone()])

@@ -306,7 +306,7 @@ def test_steps_given_no_loss_are_marked_and_read_as_no_nan_loss(
     ids=["two-steps-and-a-value", "five-steps", "less-than-a-step"],
 )
 def test_step_values_stacked_in_batches_match_torch(
-    batch_of: Any, case: Any, quiet: dict[str, Any], reference: Any, monkeypatch: pytest.MonkeyPatch
+    batch_of: Any, case: Any, quiet: dict[str, Any], reference: Any, device_gradients: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each step's gradient norms wait, unstacked, to be stacked with later steps' values: any batch
     size, with flushes falling inside a batch, gives the same numbers."""
@@ -315,7 +315,7 @@ def test_step_values_stacked_in_batches_match_torch(
     monkeypatch.setattr(held, "STACK_BATCH", batch_of(per_step))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     options = {"flush_every": 7, "activation_every": 0, "update_every": 1, "check_outputs": True}
-    with gradscope.Monitor(model, opt, **options, **quiet) as mon:
+    with device_gradients(gradscope.Monitor(model, opt, **options, **quiet)) as mon:
         trace = case.train(model, opt, mon, 17)
         run = mon.run
     reference.check_run(run, model, trace, activations=False)
@@ -359,7 +359,7 @@ def _failing_on_call(n: int, real: Callable[..., Any], *, after: bool = False) -
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("lost", ["gradients", "input and output", "loss"])
 def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
-    lost: str, ranks: int, device_loss: Any, monkeypatch: pytest.MonkeyPatch
+    lost: str, ranks: int, device_loss: Any, device_gradients: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An internal failure while stacking held values warns once, keeps training and recording, and
     stores the steps it held as missing (no gradients, outputs not checked, no loss), never as NaN
@@ -379,7 +379,7 @@ def test_a_failed_stack_loses_its_steps_as_missing_values_and_recording_goes_on(
         checks = lost == "input and output"
         options = {"flush_seconds": None, "activation_every": 0, "update_every": 0, "check_outputs": checks}
         live: list[Any] = []
-        with gradscope.Monitor(model, opt, on_finding=live.append, **options) as mon:
+        with device_gradients(gradscope.Monitor(model, opt, on_finding=live.append, **options)) as mon:
             values = {"gradients": mon._held_grads, "input and output": mon._held_io, "loss": mon._held_losses}[lost]
             values._stack = _failing_on_call(2, values._stack)  # the second batch
             for _ in range(steps):
@@ -535,14 +535,16 @@ def test_a_step_that_fails_after_its_bookkeeping_leaves_nothing_behind(
     assert run.meta["forward_order"]
 
 
-def test_a_step_that_fails_while_holding_its_gradients_leaves_no_marks_on_its_row(quiet: dict[str, Any]) -> None:
+def test_a_step_that_fails_while_holding_its_gradients_leaves_no_marks_on_its_row(
+    device_gradients: Any, quiet: dict[str, Any]
+) -> None:
     """The failed attempt had a parameter with no gradient and a finite loss (outputs "not
     checked"); the next step, recorded on its row, has every gradient and a NaN loss, so its input
     and output are checked: neither mark of the failed attempt may stay."""
     model, opt, x, y = _mlp_and_data()
     with (
         pytest.warns(RuntimeWarning, match="internal error") as caught,
-        gradscope.Monitor(model, opt, activation_every=0, update_every=0, flush_seconds=None, **quiet) as mon,
+        device_gradients(gradscope.Monitor(model, opt, activation_every=0, update_every=0, flush_seconds=None, **quiet)) as mon,
     ):
         mon._held_grads.hold = _failing_on_call(3, mon._held_grads.hold)  # type: ignore[method-assign]
         for i in range(5):

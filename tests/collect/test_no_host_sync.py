@@ -59,8 +59,11 @@ def _train(
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "lstm"])
-def test_no_host_copy_between_flushes(name: str, cases: Any, device_loss: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loss is given as on an accelerator: a CPU loss is read on purpose (the last test)."""
+def test_no_host_copy_between_flushes(
+    name: str, cases: Any, device_loss: Any, device_gradients: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss is given, and the gradient norms held, as on an accelerator: on the CPU both are
+    read on purpose (the last test)."""
     case = cases[name]
 
     def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -78,6 +81,7 @@ def test_no_host_copy_between_flushes(name: str, cases: Any, device_loss: Any, m
     # and held values stacked every few steps
     monkeypatch.setattr(held, "STACK_BATCH", 8)
     mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, activation_every=1, update_every=1, check_outputs=True, on_finding=None)
+    device_gradients(mon)
     _train(case, model, opt, mon, 1)
     inside_step: Counter[str] = Counter()
     original_step = mon.step
@@ -96,12 +100,14 @@ def test_no_host_copy_between_flushes(name: str, cases: Any, device_loss: Any, m
     assert mon.run.n_steps == 41  # and nothing was lost by not copying
 
 
-def test_the_counter_catches_a_deliberate_item(cases: Any, device_loss: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_counter_catches_a_deliberate_item(
+    cases: Any, device_loss: Any, device_gradients: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The test above can fail: a per-step ``.item()`` slipped into step() is counted."""
     case = cases["mlp"]
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, check_outputs=True, on_finding=None)
+    mon = device_gradients(gradscope.Monitor(model, opt, flush_every=10_000, flush_seconds=None, check_outputs=True, on_finding=None))
     original = Monitor._record_step
 
     def leaky(self: Monitor, loss: Any) -> None:
@@ -119,10 +125,13 @@ def test_the_counter_catches_a_deliberate_item(cases: Any, device_loss: Any, mon
 
 
 @pytest.mark.parametrize("check_outputs", [False, True])
-def test_a_loss_on_the_cpu_is_read_once_per_step(check_outputs: bool, cases: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_the_cpu_the_loss_and_gradient_norms_are_read_once_per_step(
+    check_outputs: bool, cases: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A CPU loss is read in step(): that waits for nothing (CPU ops run synchronously), costs no
-    device op, and tells the default whether to check the input batch and the output. That is the
-    one read per step; a loss on an accelerator is held on the device instead (the tests above)."""
+    device op, and tells the default whether to check the input batch and the output. Each gradient
+    norm is read once too: holding them until a write would slow the next backward pass. On an
+    accelerator both are held on the device instead (the tests above)."""
     case = cases["mlp"]
     model = case.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -133,4 +142,4 @@ def test_a_loss_on_the_cpu_is_read_once_per_step(check_outputs: bool, cases: Any
     with _count_host_copies(monkeypatch) as copies:
         _train(case, model, opt, mon, 5, start=1)
     mon.close()
-    assert copies == {"item": 5}
+    assert copies == {"item": 5 * (1 + len(list(model.parameters())))}
