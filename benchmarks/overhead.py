@@ -120,19 +120,23 @@ class _Loop:
             self.opt.zero_grad()
             loss = nn.functional.cross_entropy(self.model(x), y)
             loss.backward()
-            if self.monitor is not None:
-                self.monitor.step(loss)
-            elif self.variant == "floor":
-                norms = torch.stack(torch._foreach_norm([p.grad for p in self.params if p.grad is not None]))
-                self.sink += float(norms.sum())  # the one host sync per step
-            elif self.variant == "per_param_item":
-                self.sink += sum(p.grad.norm().item() for p in self.params if p.grad is not None)
-            elif self.variant == "histograms":
-                for p in self.params:
-                    if p.grad is not None:
-                        self.sink += float(torch.histc(p.grad, bins=64).cpu()[0])
+            self.record(loss)
             self.opt.step()
         return (time.perf_counter() - start) / steps
+
+    def record(self, loss: torch.Tensor) -> None:
+        """What the variant does between ``backward()`` and ``optimizer.step()``."""
+        if self.monitor is not None:
+            self.monitor.step(loss)
+        elif self.variant == "floor":
+            norms = torch.stack(torch._foreach_norm([p.grad for p in self.params if p.grad is not None]))
+            self.sink += float(norms.sum())  # the one host sync per step
+        elif self.variant == "per_param_item":
+            self.sink += sum(p.grad.norm().item() for p in self.params if p.grad is not None)
+        elif self.variant == "histograms":
+            for p in self.params:
+                if p.grad is not None:
+                    self.sink += float(torch.histc(p.grad, bins=64).cpu()[0])
 
     def close(self) -> None:
         if self.monitor is not None:
