@@ -77,7 +77,8 @@ class Monitor:
             about ``flush_seconds`` of training, whichever is fewer. Each write costs ~1 ms on CPU
             (a 0.6 ms-step MLP: 200 steps between writes made them ~1% of its training time), so
             fast models write every 500 steps (a third of a second for that MLP) and slow ones every
-            ~2 s.
+            ~2 s. Under torch.distributed it is ignored: ranks must write at the same step, so only
+            ``flush_every`` decides.
         activation_every: sample full activation statistics every this many steps (0: never).
             50 by default: activations drift slowly next to gradients, and a sampled step costs
             several reductions per module (~0.5 ms for a 64×128 MLP on CPU, with the hooks), so
@@ -170,6 +171,12 @@ class Monitor:
                 "values); materialise it first (model.to_empty(device=...) and initialise) and attach the Monitor then"
             )
         self._dist = DistributedContext.detect()
+        if self._dist is not None:
+            # Ranks exchange their statistics at each write, so every rank must write at the same
+            # step. A rank's own clock cannot decide that: a rank a little behind would write a step
+            # later, and its collective would meet DDP's all-reduce instead (a hang). Under
+            # torch.distributed only the step count decides.
+            self.flush_seconds = None
         self._layout = layout = ModelLayout.of(model)
         if not layout.params:
             raise InvalidInputError(
@@ -220,7 +227,8 @@ class Monitor:
         # The sentinel columns in stored order: watched modules, input batch, model output.
         self._sentinel_cols = np.r_[self._c_watched : self._c_pnorm, self._c_io : self._c_io + 2]
         rows = self.flush_every + 1  # +1: the row of a step whose update lands before it is recorded
-        self._buf = torch.full((rows, self._n_dev_cols), math.nan, device=self._device)
+        # float32 whatever torch's default dtype (a bf16 default would round every stored value)
+        self._buf = torch.full((rows, self._n_dev_cols), math.nan, dtype=torch.float32, device=self._device)
         # Each step's loss: read on the host when that waits for nothing (a CPU tensor, a number; NaN
         # when none was given), else held on its device. Its gradient norms (with a GradScaler they
         # are written from optimizer.step() instead) likewise: read into the buffer at once when it
@@ -243,7 +251,7 @@ class Monitor:
         self._loss_missing: list[int] = []  # rows whose step() got no loss: their NaN is no NaN loss
         # Activation statistics: one row per sampled step, watched modules + input.
         act_rows = self.flush_every // max(self.activation_every, 1) + 2
-        self._act_buf = torch.full((act_rows, n_watched + 1, stats.N_ACT_PARTS), math.nan, device=self._device)
+        self._act_buf = torch.full((act_rows, n_watched + 1, stats.N_ACT_PARTS), math.nan, dtype=torch.float32, device=self._device)
         self._act_counts = np.full((act_rows, n_watched + 1, 3), np.nan)  # elements, units, saturation denominator
         self._act_count_rows: dict[tuple[tuple[int, int, int, int], ...], np.ndarray] = {}  # see _finish_activations
         self._act_steps: list[int] = []
@@ -252,7 +260,7 @@ class Monitor:
         self._scratch = stats.Scratch()  # CPU work buffer for activation statistics
         self._sentinel: dict[int, torch.Tensor] = {}  # watched module -> output sum (check_outputs only)
         self._call_order: list[int] = []
-        self._zero = torch.zeros((), device=self._device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=self._device)
         self._io_sums: dict[str, torch.Tensor] = {}  # NaN/Inf sentinels of this step's input batch and output
         # On CPU a value is read without waiting for a device, so the input batch and the output are
         # summed only when the step's loss turns out non-finite (or is not given): the forward keeps
@@ -262,7 +270,7 @@ class Monitor:
         self._io_on_demand = self._device.type == "cpu" and not self.check_outputs and self._dist is None
         self._held_input: torch.Tensor | None = None
         self._held_output: torch.Tensor | None = None
-        self._nan_parts = [torch.full((), math.nan, device=self._device)] * stats.N_ACT_PARTS
+        self._nan_parts = [torch.full((), math.nan, dtype=torch.float32, device=self._device)] * stats.N_ACT_PARTS
         # each sampled step's row of the activation buffer, flat: all modules' parts in one stack
         self._act_rows = [self._act_buf[k].view(-1) for k in range(act_rows)]
         self._single_device = all(p.device == self._device for p in layout.params)  # until a value is not (_stack)
@@ -753,8 +761,10 @@ class Monitor:
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         """The step's loss, gradient norms (with a GradScaler they come, unscaled, from
         optimizer.step() instead) and input/output sums. A loss already on the host goes to the
-        host array; one on a device is held, detached (no graph kept), with no wait for the device.
-        The holds come last, gradients first: a failure before them leaves nothing held."""
+        host array, and gradient norms on the CPU straight into the buffer row; values on a device
+        are held (a loss detached: no graph kept), with no wait for the device. The holds come
+        last, gradients first: a failure before them leaves nothing held. (Norms a failed step
+        wrote into its row are overwritten by the step recorded next on that row.)"""
         loss = _read_if_on_host(loss)
         io = self._io_sentinels(row, loss)
         if self._grad_scaler is None:

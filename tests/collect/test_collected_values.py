@@ -8,6 +8,7 @@ and activation statistics against the module outputs captured by the test's own 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -269,6 +270,34 @@ def _as_two_ranks_seeing_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(distributed.DistributedContext, "detect", classmethod(lambda cls: cls(rank=0, world_size=2)))
     monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+
+
+def test_under_torch_distributed_only_the_step_count_decides_when_to_write(
+    quiet: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks exchange their statistics at each write. Had each rank's clock decided when, a rank a
+    little behind would write a step later, and its collective would meet the other ranks' DDP
+    all-reduce: the job hangs. So under torch.distributed ``flush_seconds`` is ignored."""
+    _as_two_ranks_seeing_the_same(monkeypatch)
+    exchanges: list[int] = []
+    gather = distributed.DistributedContext.gather
+
+    def counted(context: distributed.DistributedContext, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        exchanges.append(tensors[0].shape[0])  # the rows of the step buffer it carries
+        return gather(context, tensors)
+
+    monkeypatch.setattr(distributed.DistributedContext, "gather", counted)
+    model, opt, x, y = _mlp_and_data()
+    with gradscope.Monitor(model, opt, flush_every=5, flush_seconds=0.001, **quiet) as mon:
+        assert mon.flush_seconds is None
+        for _ in range(12):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            time.sleep(0.003)  # longer than flush_seconds: alone, a write after every step
+            mon.step(None)
+            opt.step()
+    assert exchanges == [5, 5, 2]
+    assert mon.run.n_steps == 12 and mon.run.meta["config"]["flush_seconds"] is None
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -562,3 +591,26 @@ def test_a_step_that_fails_while_holding_its_gradients_leaves_no_marks_on_its_ro
     flags = run.metric("output_nonfinite")[["(input)", "(output)"]].to_numpy()
     np.testing.assert_array_equal(flags[2], [0.0, 0.0])  # checked, and finite
     assert np.isnan(flags[[0, 1, 3]]).all()  # finite losses: not checked
+
+
+def test_a_bfloat16_default_dtype_still_records_in_float32(quiet: dict[str, Any]) -> None:
+    """With torch's default dtype set to bfloat16 the model is built in bf16; the Monitor's own
+    buffers stay float32, so nothing it stores is rounded to bf16 (and it attaches at all)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model, opt, x, y = _mlp_and_data()
+        assert next(model.parameters()).dtype == torch.bfloat16
+        expected = []
+        with gradscope.Monitor(model, opt, **quiet) as mon:
+            for _ in range(6):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                expected.append([p.grad.float().norm().item() for p in model.parameters()])  # type: ignore[union-attr]
+                mon.step(loss)
+                opt.step()
+            run = mon.run
+    finally:
+        torch.set_default_dtype(previous)
+    np.testing.assert_allclose(run.metric("param_grad_norm").to_numpy(), expected, rtol=1e-6)
