@@ -63,6 +63,8 @@ class DistributedContext:
         work.wait()
         _last_exchange[:] = [work]
         stacked = torch.stack(gathered)  # (world, total)
+        for t in (flat, *gathered):
+            t.untyped_storage().resize_(0)  # the kept collective keeps these tensors (_last_exchange), not their memory
         out, offset = [], 0
         for t in tensors:
             out.append(stacked[:, offset : offset + t.numel()].reshape(self.world_size, *t.shape))
