@@ -18,9 +18,10 @@ __all__ = ["STACK_BATCH", "HeldValues"]
 
 # The most values held before they are stacked (a step with more is stacked on its own): ~128 steps
 # of a model with 4 parameter tensors, ~10 of one with 52. More does not pay, as a held value costs
-# the stack more once it has left the cache. Measured as the mean time of step(), flushes included,
-# against one stack per step: 512 saves ~4 µs per step on the 4-tensor MLP of the overhead benchmark
-# and costs the same on its 52-tensor MLP; holding 4096 cost that one ~60 µs more per step.
+# the stack more once it has left the cache: on the CPU, holding 4096 made step() ~60 µs slower on
+# the 52-tensor MLP of the overhead benchmark than a stack per step. (That was measured with step()
+# times alone, which miss what held values cost the next backward pass on the CPU; the Monitor no
+# longer holds gradient norms there. No accelerator was at hand to measure the batch size on.)
 STACK_BATCH = 512
 
 

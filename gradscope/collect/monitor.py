@@ -2,9 +2,10 @@
 
 The hot path (``step()`` and the hooks) only launches device work and holds its results; values
 reach the host once per flush, in one copy. Per step that is one batched ``torch._foreach_norm``
-over the gradients (its results held and stacked many steps at a time: see held.py), plus a
-``sum`` each of the input batch and the model's output (NaN/Inf sentinels; on CPU only when the
-step's loss is not finite). Full activation statistics, ‖Δθ‖ and live detection run on their own
+over the gradients (on an accelerator its results are held and stacked many steps at a time: see
+held.py; on the CPU, where a read waits for nothing, they are read at once), plus a ``sum`` each
+of the input batch and the model's output (NaN/Inf sentinels; on CPU only when the step's loss is
+not finite). Full activation statistics, ‖Δθ‖ and live detection run on their own
 cadences (see docs/performance.md).
 """
 
@@ -237,7 +238,8 @@ class Monitor:
         # a held step that is lost (an internal error) is stored as missing, not as NaN.
         # (On the CPU, holding the norms would cost more than reading them: hundreds of small tensors
         # kept across steps made the next backward pass ~15 µs slower on a 0.6 ms MLP step.)
-        on_cpu = self._device.type == "cpu" and all(p.device == self._device for p in layout.params)
+        self._single_device = all(p.device == self._device for p in layout.params)  # until a value is not (_stack)
+        on_cpu = self._device.type == "cpu" and self._single_device
         self._grads_read_into: np.ndarray | None = self._buf.numpy() if on_cpu else None  # the same memory
         self._host_loss = np.full(rows, math.nan)
         self._host_losses_written = 0  # rows of _host_loss already in the buffer (see _write_step_values)
@@ -273,7 +275,6 @@ class Monitor:
         self._nan_parts = [torch.full((), math.nan, dtype=torch.float32, device=self._device)] * stats.N_ACT_PARTS
         # each sampled step's row of the activation buffer, flat: all modules' parts in one stack
         self._act_rows = [self._act_buf[k].view(-1) for k in range(act_rows)]
-        self._single_device = all(p.device == self._device for p in layout.params)  # until a value is not (_stack)
         param_layer = np.asarray(layout.param_layer, dtype=np.int64)
         order = np.argsort(param_layer, kind="stable")
         starts = np.flatnonzero(np.r_[True, param_layer[order][1:] != param_layer[order][:-1]])
