@@ -20,12 +20,17 @@ class _FinishedWork:
         return True
 
 
-def _fake_all_gather(handed: list[weakref.ref[_FinishedWork]]) -> Callable[..., _FinishedWork]:
-    """An all_gather for two ranks where the other rank sent twice this rank's values."""
+def _fake_all_gather(
+    handed: list[weakref.ref[_FinishedWork]], tensors: list[torch.Tensor] | None = None
+) -> Callable[..., _FinishedWork]:
+    """An all_gather for two ranks where the other rank sent twice this rank's values. It notes
+    (weakly) each collective it returns in ``handed``, and the tensors it was given in ``tensors``."""
 
     def all_gather(outputs: list[torch.Tensor], flat: torch.Tensor, async_op: bool = False) -> _FinishedWork:
         outputs[0].copy_(flat)
         outputs[1].copy_(2 * flat)
+        if tensors is not None:
+            tensors.extend([flat, *outputs])
         work = _FinishedWork()
         handed.append(weakref.ref(work))
         return work
@@ -64,15 +69,9 @@ def test_the_kept_collective_keeps_no_memory(monkeypatch: pytest.MonkeyPatch) ->
     """What gradscope keeps of an exchange (the collective) holds no values: at 256 ranks one
     flush's exchange of a large model would be hundreds of MB."""
     handed: list[torch.Tensor] = []
-
-    def all_gather(outputs: list[torch.Tensor], flat: torch.Tensor, async_op: bool = False) -> _FinishedWork:
-        for out in outputs:
-            out.copy_(flat)
-        handed.extend([flat, *outputs])
-        return _FinishedWork()
-
-    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    monkeypatch.setattr(distributed.dist, "all_gather", _fake_all_gather([], handed))
     monkeypatch.setattr(distributed, "_last_exchange", [], raising=False)
-    (got,) = DistributedContext(rank=0, world_size=2).gather([torch.arange(1000.0)])
-    torch.testing.assert_close(got, torch.arange(1000.0).expand(2, 1000))
+    values = torch.arange(1000.0)
+    (got,) = DistributedContext(rank=0, world_size=2).gather([values])
+    torch.testing.assert_close(got, torch.stack([values, 2 * values]))
     assert len(handed) == 3 and all(t.untyped_storage().nbytes() == 0 for t in handed)
