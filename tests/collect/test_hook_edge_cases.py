@@ -350,3 +350,59 @@ def test_a_loss_on_another_device_than_the_model_is_recorded_on_every_step(quiet
     run = mon.run
     assert run.n_steps == 5
     np.testing.assert_allclose(run.loss, losses, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- gradients the CPU read cannot view
+
+
+def _float16_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to(torch.float16)
+
+
+class _FloatThenDouble(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 8)
+        self.second = nn.Linear(8, 2).to(torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)).double())
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize(
+    ("build", "create_graph"),
+    [(_float16_mlp, False), (_FloatThenDouble, False), (lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), True)],
+    ids=["float16", "float32-and-float64", "create_graph"],
+)
+@pytest.mark.parametrize("held", [False, True], ids=["read-on-cpu", "held-as-on-a-device"])
+def test_gradients_outside_the_numpy_read_are_measured_like_the_others(
+    build: Any, create_graph: bool, held: bool, device_gradients: Any, quiet: dict[str, Any]
+) -> None:
+    """On the CPU, float32 and float64 gradients are read as numpy views, in one model too. Half
+    precision, and gradients that require grad (``backward(create_graph=True)``), cannot be: they
+    take the general path, every step, with the same values. Held on a device, float64 norms and
+    updates are taken in a float32 copy (a batched float32 norm refuses to narrow them)."""
+    torch.manual_seed(0)
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    expected = []
+    monitor = gradscope.Monitor(model, opt, update_every=1, **quiet)
+    with device_gradients(monitor) if held else monitor as mon:
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(8, 4, generator=g)
+            opt.zero_grad()
+            out = model(x.half() if build is _float16_mlp else x)
+            loss = out.float().pow(2).mean()
+            loss.backward(create_graph=create_graph)
+            expected.append([float(p.grad.detach().double().norm()) for p in model.parameters()])  # type: ignore[union-attr]
+            mon.step(loss)
+            opt.step()
+        run = mon.run
+    recorded = run.metric("param_grad_norm")[[name for name, _ in model.named_parameters()]].to_numpy()
+    np.testing.assert_allclose(recorded, expected, rtol=1e-5)
+    assert run.metric("update_norm").notna().all().all()
+    if create_graph:
+        for p in model.parameters():
+            p.grad = None  # backward(create_graph=True) ties each parameter to its gradient
