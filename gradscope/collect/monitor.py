@@ -283,7 +283,9 @@ class Monitor:
         # float32 norm refuses to narrow them, and the buffer is float32 anyway.
         self._unusual_params = any(p.is_complex() or p.dtype == torch.float64 for p in layout.params)
         self._plain_grads = not self._unusual_params
-        self._grads_via_numpy = all(p.dtype in (torch.float32, torch.float64) for p in layout.params)  # see _read_gradient_norms
+        # On the CPU, float32 and float64 values are read through numpy (see _read_gradient_norms).
+        self._numpy_params = all(p.dtype in (torch.float32, torch.float64) for p in layout.params)
+        self._grads_via_numpy = self._numpy_params  # until a gradient cannot be viewed
         self._all_grads_last_step = True  # every tracked parameter had a gradient at the last step
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_valid = False
@@ -681,6 +683,10 @@ class Monitor:
         row = target - self._base
         if not 0 <= row < self._buf.shape[0]:
             return
+        if self._grads_read_into is not None and self._numpy_params:
+            self._read_update_norms(self._grads_read_into[row, self._c_pnorm :], self._snapshot)
+            self._snapshot_valid = False
+            return
         with torch.no_grad():
             torch._foreach_sub_(self._snapshot, self._param_tensors)  # the snapshot now holds -Δθ
             # ‖θ‖ then ‖Δθ‖ of every parameter in one batched norm, written as one row segment
@@ -689,6 +695,19 @@ class Monitor:
                 tensors = [_float32_ready(t) for t in tensors]
             self._write(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)), self._buf[row, self._c_pnorm :])
         self._snapshot_valid = False
+
+    def _read_update_norms(self, out: np.ndarray, snapshot: list[torch.Tensor]) -> None:
+        """On the CPU: ‖θ‖ then ‖Δθ‖ of every parameter into ``out`` (a view of the row), through
+        numpy views, one subtraction and two BLAS dot products per parameter. In the training loop
+        that takes about a third less time than the batched torch subtraction and norm on the MLP,
+        the 26-layer MLP and the transformer of ``benchmarks.overhead`` (see _read_gradient_norms)."""
+        n = self._n_params
+        for i, (p, before) in enumerate(zip(self._params, snapshot, strict=True)):
+            theta, delta = p.detach().numpy(), before.numpy()
+            np.subtract(delta, theta, out=delta)  # the snapshot now holds -Δθ
+            out[i] = np.vdot(theta, theta)
+            out[n + i] = np.vdot(delta, delta)
+        np.sqrt(out, out=out)
 
     def _record_step(self, loss: torch.Tensor | float | None) -> None:
         step = self._step
