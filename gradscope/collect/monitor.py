@@ -32,6 +32,7 @@ from gradscope._version import __version__
 from gradscope.collect import stats
 from gradscope.collect.distributed import DistributedContext, refuse_sharded_parameters
 from gradscope.collect.held import HeldValues
+from gradscope.collect.hooks import CopySafeHook
 from gradscope.collect.layout import ModelLayout, describe_optimizer
 from gradscope.errors import InvalidInputError, TrainingFailure, expect_int
 from gradscope.findings import Finding
@@ -499,7 +500,7 @@ class Monitor:
 
     def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self._attach_module_hooks()  # step 0 always: it gives the forward order
-        self._handles.append(model.register_forward_hook(self._model_hook))
+        self._handles.append(model.register_forward_hook(CopySafeHook(self._model_hook)))
         self._update_optimizer_hooks()
 
     def _detach(self) -> None:
@@ -518,7 +519,7 @@ class Monitor:
         if self._module_handles:
             return
         for index, module in enumerate(self._layout.watched_modules):
-            self._module_handles.append(module.register_forward_hook(self._make_output_hook(index)))
+            self._module_handles.append(module.register_forward_hook(CopySafeHook(self._make_output_hook(index))))
 
     def _detach_module_hooks(self) -> None:
         for handle in self._module_handles:

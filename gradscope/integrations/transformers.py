@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradscope.collect.hooks import CopySafeHook
 from gradscope.collect.monitor import Monitor
 from gradscope.detect.registry import Findings
 from gradscope.errors import InvalidInputError
@@ -135,7 +136,7 @@ class GradscopeCallback(CallbackResults, TrainerCallback):
         self._final = None
         self._run = None
         self._reset_loss()
-        self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
+        self._hook = model.register_forward_hook(CopySafeHook(self._capture_loss), with_kwargs=True)  # an EMA copy is plain
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
