@@ -280,13 +280,14 @@ class Monitor:
         order = np.argsort(param_layer, kind="stable")
         starts = np.flatnonzero(np.r_[True, param_layer[order][1:] != param_layer[order][:-1]])
         self._layer_segments = (order, starts, param_layer[order][starts])
-        # Complex parameters are normed as real pairs, float64 ones in a float32 copy: the batched
-        # float32 norm refuses to narrow them, and the buffer is float32 anyway.
+        # Complex parameters are normed as real pairs, float64 ones in float64 (the batched float32
+        # norm refuses to narrow them): see _float32_norms.
         self._unusual_params = any(p.is_complex() or p.dtype == torch.float64 for p in layout.params)
         self._plain_grads = not self._unusual_params
-        # On the CPU, float32 and float64 values are read through numpy (see _read_gradient_norms).
+        # On the CPU, float32 and float64 values are read through numpy (see _read_gradient_norms),
+        # until one cannot be (a sparse gradient; a model cast to half precision after this).
         self._numpy_params = all(p.dtype in (torch.float32, torch.float64) for p in layout.params)
-        self._grads_via_numpy = self._numpy_params  # until a gradient cannot be viewed
+        self._grads_via_numpy = self._numpy_params
         self._all_grads_last_step = True  # every tracked parameter had a gradient at the last step
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_valid = False
@@ -685,30 +686,42 @@ class Monitor:
         if not 0 <= row < self._buf.shape[0]:
             return
         if self._grads_read_into is not None and self._numpy_params:
-            self._read_update_norms(self._grads_read_into[row, self._c_pnorm :], self._snapshot)
-            self._snapshot_valid = False
-            return
+            self._numpy_params = self._read_update_norms(self._grads_read_into[row, self._c_pnorm :], self._snapshot)
+            if self._numpy_params:
+                self._snapshot_valid = False
+                return
         with torch.no_grad():
             torch._foreach_sub_(self._snapshot, self._param_tensors)  # the snapshot now holds -Δθ
             # ‖θ‖ then ‖Δθ‖ of every parameter in one batched norm, written as one row segment
             tensors = [*self._param_tensors, *self._snapshot]
-            if self._unusual_params:
-                tensors = [_float32_ready(t) for t in tensors]
-            self._write(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)), self._buf[row, self._c_pnorm :])
+            norms = _float32_norms([_real(t) for t in tensors]) if self._unusual_params else _float32_norms(tensors)
+            self._write(norms, self._buf[row, self._c_pnorm :])
         self._snapshot_valid = False
 
-    def _read_update_norms(self, out: np.ndarray, snapshot: list[torch.Tensor]) -> None:
+    def _read_update_norms(self, out: np.ndarray, snapshot: list[torch.Tensor]) -> bool:
         """On the CPU: ‖θ‖ then ‖Δθ‖ of every parameter into ``out`` (a view of the row), through
         numpy views, one subtraction and two BLAS dot products per parameter. In the training loop
         that takes about a third less time than the batched torch subtraction and norm on the MLP,
-        the 26-layer MLP and the transformer of ``benchmarks.overhead`` (see _read_gradient_norms)."""
+        the 26-layer MLP and the transformer of ``benchmarks.overhead`` (see _read_gradient_norms).
+        False, with nothing changed, when a parameter is no longer float32 or float64 (a model cast
+        after the Monitor was created): the caller then takes the torch path."""
+        try:
+            thetas = [p.detach().numpy() for p in self._params]  # bfloat16: TypeError
+        except (RuntimeError, TypeError):
+            return False
+        for theta in thetas:
+            if theta.dtype.char not in "fd":  # float32, float64: not float16, whose squares numpy sums in float16
+                return False
         n = self._n_params
-        for i, (p, before) in enumerate(zip(self._params, snapshot, strict=True)):
-            theta, delta = p.detach().numpy(), before.numpy()
+        squares = np.empty(2 * n)  # float64: a float64 parameter's squares may not fit in float32
+        for i, (theta, before) in enumerate(zip(thetas, snapshot, strict=True)):
+            delta = before.numpy()
             np.subtract(delta, theta, out=delta)  # the snapshot now holds -Δθ
-            out[i] = np.vdot(theta, theta)
-            out[n + i] = np.vdot(delta, delta)
-        np.sqrt(out, out=out)
+            squares[i] = np.vdot(theta, theta)
+            squares[n + i] = np.vdot(delta, delta)
+        with np.errstate(over="ignore"):  # a norm past float32's range is stored as inf
+            out[:] = np.sqrt(squares)
+        return True
 
     def _record_step(self, loss: torch.Tensor | float | None) -> None:
         step = self._step
@@ -884,21 +897,36 @@ class Monitor:
         """On the CPU: each tracked parameter's gradient norm, read into ``out`` (a view of the row).
 
         Gradients in float32 or float64 are read through numpy, one BLAS dot product each: in a
-        training loop that is ~8 µs less per step than ``torch._foreach_norm`` and a read of each
+        training loop that is ~5 µs less per step than ``torch._foreach_norm`` and a read of each
         norm on the 0.6 ms MLP, and less on every workload of ``benchmarks.overhead`` (torch's
         foreach ops are a loop over the tensors on the CPU too, and each op there runs cold). It
-        also sums more accurately. Anything else (a missing, sparse or complex gradient, one that
-        requires grad, half precision) takes the general path."""
+        also sums more accurately. A step with a missing gradient takes the general path; a sparse
+        or half-precision gradient (a model cast after the Monitor was created) turns it off."""
         if self._grads_via_numpy and self._all_grads_last_step:
             try:
-                out[:] = [np.vdot(g, g) for g in (p.grad.numpy() for p in self._params)]  # type: ignore[union-attr]
+                grads = [p.grad.numpy() for p in self._params]  # type: ignore[union-attr]
             except AttributeError:  # a missing gradient (None): found without a scan of the list each step
                 pass
-            except (RuntimeError, TypeError):  # sparse, or requires grad (backward(create_graph=True))
+            except (RuntimeError, TypeError):  # sparse or bfloat16 (TypeError), a negative view (RuntimeError)
                 self._grads_via_numpy = False
             else:
-                np.sqrt(out, out=out)
-                return
+                float64 = False
+                for g in grads:
+                    kind = g.dtype.char
+                    if kind == "d":
+                        float64 = True
+                    elif kind != "f":
+                        self._grads_via_numpy = False  # float16: numpy would sum its squares in float16
+                        break
+                else:
+                    squares = [np.vdot(g, g) for g in grads]  # each in its gradient's dtype, as torch sums them
+                    if float64:  # the root first: a float64 square may not fit in float32 where its root does
+                        with np.errstate(over="ignore"):  # a norm past float32's range is stored as inf
+                            out[:] = np.sqrt(squares)
+                    else:
+                        out[:] = squares
+                        np.sqrt(out, out=out)
+                    return
         out[:] = [norm.item() for norm in self._gradient_norms(row)]
 
     def _record_gradients_at(self, row: int) -> None:
@@ -912,7 +940,7 @@ class Monitor:
         if self._all_grads_last_step:
             try:
                 return self._grad_norms(grads)  # type: ignore[arg-type]
-            except TypeError:  # a None among the gradients: found without a scan of the list each step
+            except (TypeError, AttributeError):  # a None among the gradients (see _grad_norms), found without a scan each step
                 pass
         missing = [g is None for g in grads]
         self._all_grads_last_step = not any(missing)
@@ -930,7 +958,7 @@ class Monitor:
                 return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
             except (NotImplementedError, RuntimeError):
                 self._plain_grads = False  # sparse gradients (nn.Embedding(sparse=True)): the general path from now on
-        return list(torch._foreach_norm([_float32_ready(_dense(g)) for g in grads], 2, dtype=torch.float32))
+        return _float32_norms([_real(_dense(g)) for g in grads])
 
     def _measure_update_without_optimizer(self) -> None:
         # No optimizer hooks: Δθ is the change between consecutive step() calls (or the last step()
@@ -1375,12 +1403,18 @@ def _add_sum(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         torch._C._set_grad_enabled(grad_was_enabled)
 
 
-def _float32_ready(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in a form a norm in float32 takes, with the same L2 norm: a complex tensor as real
-    pairs, a float64 one as a float32 copy (a batched norm refuses to narrow it)."""
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.float() if t.dtype == torch.float64 else t
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as real pairs, with the same L2 norm (float norms refuse complex input)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _float32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's L2 norm as a 0-d float32 tensor, summed in float32 (half precision too) or, for
+    float64, in float64 and then rounded (inf past float32's range): the batched float32 norm
+    refuses to narrow float64, and a float32 copy would overflow its squares far earlier."""
+    if all(t.dtype != torch.float64 for t in tensors):
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    return [torch.linalg.vector_norm(t, dtype=None if t.dtype == torch.float64 else torch.float32).float() for t in tensors]
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:

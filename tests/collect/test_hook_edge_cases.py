@@ -379,10 +379,10 @@ class _FloatThenDouble(nn.Module):
 def test_gradients_outside_the_numpy_read_are_measured_like_the_others(
     build: Any, create_graph: bool, held: bool, device_gradients: Any, quiet: dict[str, Any]
 ) -> None:
-    """On the CPU, float32 and float64 gradients are read as numpy views, in one model too. Half
-    precision, and gradients that require grad (``backward(create_graph=True)``), cannot be: they
-    take the general path, every step, with the same values. Held on a device, float64 norms and
-    updates are taken in a float32 copy (a batched float32 norm refuses to narrow them)."""
+    """On the CPU, float32 and float64 gradients are read as numpy views, in one model too, and
+    gradients of ``backward(create_graph=True)`` as well (``step()`` reads them with grad off).
+    Half precision cannot be: it takes the general path, every step, with the same values. Held
+    on a device, float64 norms are taken in float64 (a batched float32 norm refuses to narrow them)."""
     torch.manual_seed(0)
     model = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -406,3 +406,87 @@ def test_gradients_outside_the_numpy_read_are_measured_like_the_others(
     if create_graph:
         for p in model.parameters():
             p.grad = None  # backward(create_graph=True) ties each parameter to its gradient
+
+
+class _Float64Branch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 2).double()
+        self.sometimes = nn.Linear(4, 2).double()
+
+    def forward(self, x: torch.Tensor, use: bool = True) -> torch.Tensor:
+        return self.used(x) + (self.sometimes(x) if use else 0)
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["read-on-cpu", "held-as-on-a-device"])
+def test_a_float64_gradient_missing_on_some_steps_is_grad_missing(held: bool, device_gradients: Any, quiet: dict[str, Any]) -> None:
+    """A float64 model takes the general path, where a missing gradient must be found as in float32."""
+    torch.manual_seed(0)
+    model = _Float64Branch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    used = [True, False, True, False]
+    monitor = gradscope.Monitor(model, opt, update_every=1, **quiet)
+    with device_gradients(monitor) if held else monitor as mon:
+        for use in used:
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4, dtype=torch.float64), use).pow(2).mean()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+        run = mon.run
+    assert run.n_steps == len(used)
+    np.testing.assert_array_equal(run.metric("param_grad_missing")["sometimes.weight"], [0, 1, 0, 1])
+    norms = run.metric("param_grad_norm")
+    assert (norms["used.weight"] > 0).all() and (norms["sometimes.weight"].to_numpy() > 0).tolist() == used
+
+
+@pytest.mark.parametrize("cast", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("held", [False, True], ids=["read-on-cpu", "held-as-on-a-device"])
+def test_a_model_cast_after_the_monitor_is_created_is_measured_in_its_new_dtype(
+    cast: torch.dtype, held: bool, device_gradients: Any, quiet: dict[str, Any]
+) -> None:
+    """``model.half()`` after the Monitor: numpy would sum float16 squares in float16 (a norm over
+    256 overflows), and cannot view bfloat16; both go to the general path, which sums in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    monitor = gradscope.Monitor(model, opt, update_every=1, **quiet)
+    model.to(cast)
+    expected: list[list[float]] = []
+    with device_gradients(monitor) if held else monitor as mon:
+        for step in range(3):
+            x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step)).to(cast) * 30
+            opt.zero_grad()
+            loss = model(x).float().pow(2).sum()
+            loss.backward()
+            expected.append([float(p.grad.double().norm()) for p in model.parameters()])  # type: ignore[union-attr]
+            mon.step(loss)
+            opt.step()
+        run = mon.run
+    names = [name for name, _ in model.named_parameters()]
+    recorded = run.metric("param_grad_norm")[names].to_numpy()
+    assert np.max(expected) > 256  # its square overflows float16
+    np.testing.assert_allclose(recorded, expected, rtol=1e-2 if cast != torch.float64 else 1e-6)
+    assert (run.metric("grad_nonfinite").to_numpy() == 0).all()
+    final = [float(p.detach().double().norm()) for p in model.parameters()]
+    np.testing.assert_allclose(run.metric("param_weight_norm")[names].iloc[-1].to_numpy(), final, rtol=1e-2)
+    assert (run.metric("param_update_norm")[names].to_numpy() > 0).all()
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["read-on-cpu", "held-as-on-a-device"])
+def test_float64_norms_keep_float32_range(held: bool, device_gradients: Any, quiet: dict[str, Any]) -> None:
+    """A float64 gradient of 1e20 per element has a norm float32 can store (~6e20), though its
+    squares overflow float32; one of 1e-24 has a norm over float32's smallest normal value. Both are
+    stored as they are, not as inf (a false non-finite report) or 0."""
+    scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    model = nn.Module()
+    model.scale = scale
+    monitor = gradscope.Monitor(model, **quiet)
+    with device_gradients(monitor) if held else monitor as mon:
+        for g in (1e20, 1e-24):
+            scale.grad = torch.full((3,), g, dtype=torch.float64)
+            mon.step(0.0)
+        run = mon.run
+    norms = run.metric("param_grad_norm")["scale"].to_numpy()
+    np.testing.assert_allclose(norms, [1e20 * 3**0.5, 1e-24 * 3**0.5], rtol=1e-6)
+    assert (run.metric("grad_nonfinite").to_numpy() == 0).all()
