@@ -293,6 +293,10 @@ class Monitor:
         self._snapshot_valid = False
 
         self._step = 0  # the next step to record
+        # Whether step 0 is being recorded. The hooks read this flag, never the step count: under
+        # torch.compile the hooks are compiled in, and a compiled graph is guarded on the values
+        # they read (a step count would recompile the model on every sampled step).
+        self._first_step = True
         self._flush_deadline = self._next_flush_deadline()
         self._base = 0  # first step held in the buffers
         # A training forward ran since the last step(): the gradients an optimizer.step() now applies
@@ -306,6 +310,10 @@ class Monitor:
         self._write_failed = False
         self._loss_given = False
         self._failed_hooks: set[str] = set()
+        self._hooks_silence_reported = False  # see _report_silent_module_hooks
+        self._module_hook_ran = False  # a watched module's hook ran since the last step()
+        self._hooks_compiled_in = False  # see _model_is_compiled
+        self._replaced_params_checked = False  # see _report_replaced_parameters
         self._live_seen: dict[str, int] = {}  # code -> highest severity rank reported live
         self._live_findings: list[Finding] = []
         self._last_detect = 0
@@ -553,11 +561,11 @@ class Monitor:
         name = self._layout.watched_names[index]
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not torch.is_grad_enabled():
-                return  # evaluation forwards are not training statistics
-            self._forward_since_step = True
-            if name in self._failed_hooks:
+            if not _training_forward():
                 return
+            self._forward_since_step = self._module_hook_ran = True
+            if name in self._failed_hooks or not (self._sampling or self.check_outputs):
+                return  # compiled in, the hooks stay attached on the other steps (see _model_is_compiled)
             try:
                 self._observe(index, stats.first_tensor(output))
             except Exception as e:
@@ -572,8 +580,8 @@ class Monitor:
         looked at: PyTorch's keyword-aware hooks cost ~40 µs per forward on CPU, a tenth of a small
         model's step, and inputs passed by keyword are mostly token ids, which cannot be NaN.
         """
-        if not torch.is_grad_enabled():
-            return  # evaluation forwards are not training statistics
+        if not _training_forward():
+            return
         self._forward_since_step = True
         x = args[0] if args and type(args[0]) is torch.Tensor else stats.first_tensor(args)
         y = output if type(output) is torch.Tensor else stats.first_tensor(output)
@@ -618,7 +626,7 @@ class Monitor:
         statistics on sampled steps, else only its NaN/Inf sentinel (``check_outputs=True``)."""
         if x is None or not stats.is_measurable(x):
             return
-        if self._step == 0 and index < self._n_watched and index not in self._call_order:
+        if self._first_step and index < self._n_watched and index not in self._call_order:
             self._call_order.append(index)  # forward order is taken from step 0 only
         if self._sampling:
             grad_was_enabled = torch.is_grad_enabled()
@@ -673,8 +681,8 @@ class Monitor:
 
     def _take_snapshot(self) -> None:
         with torch.no_grad():
-            if self._snapshot is None:
-                self._snapshot = [p.detach().clone() for p in self._params]
+            if self._snapshot is None or any(s.dtype != p.dtype for s, p in zip(self._snapshot, self._params, strict=True)):
+                self._snapshot = [p.detach().clone() for p in self._params]  # first, or the model was cast since
             else:
                 torch._foreach_copy_(self._snapshot, self._param_tensors)
             self._snapshot_valid = True
@@ -742,7 +750,8 @@ class Monitor:
             finally:
                 torch._C._set_grad_enabled(grad_was_enabled)
             if self._optimizer is not None:
-                self._host_lr.append([group["lr"] for group in self._optimizer.param_groups])
+                # a tensor learning rate is copied: schedulers update it in place (fill_)
+                self._host_lr.append([lr if type(lr := g["lr"]) is float else _kept(lr) for g in self._optimizer.param_groups])
             if step == 0:
                 self._record_forward_order()
             if loss is None:
@@ -757,23 +766,60 @@ class Monitor:
         except BaseException:
             self._forget_unrecorded(step)
             raise
+        if self._sampling and self._forward_since_step and not self._module_hook_ran and not self._hooks_silence_reported:
+            self._report_silent_module_hooks(step)
+        self._module_hook_ran = False
+        if not self._all_grads_last_step and not self._replaced_params_checked:
+            self._report_replaced_parameters()
         self._sentinel.clear()
         self._observed.clear()
         self._held_input = self._held_output = None
         if self._io_sums:
             self._io_sums.clear()
         self._step = step = step + 1
+        self._first_step = False
         self._forward_since_step = False
         self._sampling = self.activation_every > 0 and step % self.activation_every == 0
         if self.check_outputs or self._sampling:
             self._attach_module_hooks()
-        elif self._module_handles:
-            self._detach_module_hooks()
+        elif self._module_handles and not self._hooks_compiled_in:
+            if self._model_is_compiled():
+                self._hooks_compiled_in = True  # see _model_is_compiled
+            else:
+                self._detach_module_hooks()
         k = self.update_every
         if k and self._grad_scaler is None and step % k <= 2:
             self._update_optimizer_hooks()  # they change only at the first and third step of a cycle
         if self._optimizer is None and self.update_every and (step - 1) % self.update_every == 0:
             self._take_snapshot()  # the update of the step just recorded happens after step()
+
+    def _model_is_compiled(self) -> bool:
+        """Whether the model runs compiled with its hooks inside the graph: handed over compiled
+        (``Monitor(torch.compile(model))``) or compiled in place (``model.compile()``). A compiled
+        graph does not notice hooks added or removed later, so the module hooks then stay attached
+        on every step, each returning at once off the sampled steps; the graph is guarded on that
+        (two variants). (``torch.compile(model)`` after the Monitor compiles a wrapper instead,
+        whose graphs follow the hooks.)"""
+        model = self._model
+        return model is not None and (
+            isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiled_call_impl", None) is not None
+        )
+
+    def _report_silent_module_hooks(self, step: int) -> None:
+        """Warn once when a sampled step's training forward ran none of the module hooks: a model
+        compiled before the Monitor was attached (``Monitor(torch.compile(model))``, or
+        ``model.compile()``) reuses a graph traced without them, and every activation statistic
+        would be missing without a word."""
+        if self._failed_hooks:
+            return
+        self._hooks_silence_reported = True
+        warnings.warn(
+            f"gradscope: no module's forward hook ran on sampled step {step}, so activation statistics and per-module "
+            "NaN tracing are missing; a model compiled before the Monitor was attached runs without its hooks. Attach the "
+            "Monitor to the model first, then compile it (torch.compile(model)); losses, gradients and updates are recorded either way",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _forget_unrecorded(self, step: int) -> None:
         """Undo what a ``step()`` that failed before its end kept for its row: that step is not
@@ -949,6 +995,26 @@ class Monitor:
         self._host_missing[row] = missing
         present = iter(self._grad_norms([g for g in grads if g is not None]))
         return [self._zero if m else next(present) for m in missing]
+
+    def _report_replaced_parameters(self) -> None:
+        """At the first missing gradient, warn if tracked parameters are no longer the model's:
+        replaced after the Monitor was created (``load_state_dict(assign=True)``, a parametrization
+        such as ``weight_norm``), they never get a gradient again, and would read as cut off from
+        the loss."""
+        self._replaced_params_checked = True
+        if self._model is None:
+            return
+        current = {id(p) for p in self._model.parameters()}
+        gone = [name for name, p in zip(self._layout.param_names, self._params, strict=True) if id(p) not in current]
+        if gone:
+            shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+            warnings.warn(
+                f"gradscope: {len(gone)} of the parameters the Monitor tracks are no longer the model's ({shown}): they were "
+                "replaced after it was created (load_state_dict(assign=True), a parametrization such as weight_norm), so they "
+                "get no gradient and are recorded as missing. Create the Monitor once the model's parameters are final",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if not grads:
@@ -1339,6 +1405,19 @@ def _parse_on_finding(value: OnFinding) -> tuple[_LiveAction, Callable[[Finding]
 
 
 _LOSS_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64})
+
+
+def _kept(value: Any) -> Any:
+    """A copy of a tensor value the loop may change in place before the write reads it."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _training_forward() -> bool:
+    """Whether a forward is part of training, for the hooks: not under ``torch.no_grad()`` (an
+    evaluation pass), and not a trace of the model (``torch.jit.trace``, ``torch.export``), whose
+    inputs are placeholders and whose calls are no training step."""
+    # torch.jit.is_tracing, not torch._C._is_tracing: torch.compile knows the former (no graph break)
+    return torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_exporting()  # type: ignore[attr-defined]
 
 
 def _check_loss(loss: object) -> torch.Tensor | float | None:

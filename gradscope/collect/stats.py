@@ -46,7 +46,8 @@ def bounded_kind(module: nn.Module) -> Bounded:
 
 
 def first_tensor(output: object) -> torch.Tensor | None:
-    """The tensor a module's output stands for: itself, or the first tensor of a tuple/list/dict."""
+    """The tensor a module's output stands for: itself, or the first tensor of a tuple, list, dict
+    or dataclass (in field order)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):
@@ -57,6 +58,11 @@ def first_tensor(output: object) -> torch.Tensor | None:
     if isinstance(output, dict):
         for item in output.values():
             found = first_tensor(item)
+            if found is not None:
+                return found
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        for field in dataclasses.fields(output):
+            found = first_tensor(getattr(output, field.name))
             if found is not None:
                 return found
     return None
@@ -126,7 +132,9 @@ class Scratch:
     def like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Float32 views of the buffer shaped like ``x`` and flat (contents undefined), or None off
         the CPU. The views are made once per shape: making them costs more than some reductions."""
-        if not x.is_cpu:  # is_cpu: a flag, where x.device builds an object
+        if not x.is_cpu or torch.compiler.is_compiling():  # is_cpu: a flag, where x.device builds an object
+            # Compiled (torch.compile), writes into a buffer from outside the graph are mutations it
+            # refuses (inductor); the compiler plans its own temporaries anyway.
             return None
         views = self._views.get(x.shape)
         if views is None:

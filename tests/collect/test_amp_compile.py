@@ -1,4 +1,5 @@
-"""Mixed precision (GradScaler, bf16 autocast) and torch.compile: the recorded numbers stay right."""
+"""Mixed precision (GradScaler, bf16 autocast), torch.compile, and traces of the model
+(torch.jit.trace, torch.export) between steps: the recorded numbers stay right."""
 
 from __future__ import annotations
 
@@ -102,21 +103,72 @@ def test_bf16_autocast_statistics_are_float32_and_close_to_full_precision() -> N
         np.testing.assert_allclose(b[mask], a[mask], rtol=0.05)  # bf16 keeps ~3 significant digits
 
 
-def test_hooks_attached_before_torch_compile_still_record() -> None:
+@pytest.mark.parametrize(
+    ("how", "backend"),
+    [("compiled after", "aot_eager"), ("compiled after", "inductor"), ("compiled before", "aot_eager"), ("compiled in place", "aot_eager")],
+)
+def test_a_compiled_model_records_what_the_eager_one_does(how: str, backend: str) -> None:
+    """``torch.compile(model)`` after the Monitor, ``Monitor(torch.compile(model))`` and
+    ``model.compile()``. Sampled and other steps alternate, so both compiled variants run.
+    Inductor refused the sampled steps' CPU work buffer (a mutation of a graph input) until the
+    hooks stopped using it while compiled; and the hooks read a step count, which recompiled the
+    model on every sampled step, until they read a flag: no frame is compiled after the first
+    steps. Compiled before or in place, the graph did not notice the hooks come and go, and every
+    sampled step after step 0 lost its statistics: the hooks now stay attached there."""
+    from torch._dynamo.utils import counters
+
     runs = []
     for compiled in (False, True):
         model = _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with gradscope.Monitor(model, opt, activation_every=1, update_every=1, **quiet) as mon:
-            forward = torch.compile(model, backend="aot_eager") if compiled else model
-            for x, y in _batches(3):
+        torch._dynamo.reset()
+        counters.clear()
+        watched: nn.Module = torch.compile(model, backend=backend) if compiled and how == "compiled before" else model
+        with gradscope.Monitor(watched, opt, activation_every=2, update_every=1, **quiet) as mon:
+            forward = watched
+            if compiled and how == "compiled after":
+                forward = torch.compile(model, backend=backend)
+            elif compiled and how == "compiled in place":
+                model.compile(backend=backend)
+            for i, (x, y) in enumerate(_batches(9)):
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(forward(x), y)
                 loss.backward()
                 mon.step(loss)
                 opt.step()
+                if i == 3:
+                    frames_after_warmup = counters["frames"]["ok"]
         runs.append(mon.run)
+        if compiled:
+            assert 0 < counters["frames"]["ok"] == frames_after_warmup  # no recompiling on later sampled steps
     eager, compiled_run = runs
     for metric in ("grad_norm", "update_norm", "act_mean", "act_dead_frac"):
         np.testing.assert_allclose(compiled_run.metric(metric).to_numpy(), eager.metric(metric).to_numpy(), rtol=1e-5)
+    assert compiled_run.metric("act_mean").notna().all(axis=1).sum() == 5  # steps 0, 2, 4, 6, 8
     np.testing.assert_allclose(compiled_run.loss, eager.loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("trace", ["jit.trace", "export"])
+def test_a_trace_of_the_model_between_steps_is_no_training_forward(trace: str) -> None:
+    """``torch.jit.trace`` runs the model twice with grad on and compares the graphs (the kept
+    input made them differ); ``torch.export`` runs the hooks on placeholder tensors (stored as a
+    NaN input batch, and a false finding). A trace is not a training step: the hooks skip it."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.Monitor(model, opt, activation_every=2, **quiet) as mon:
+        for i, (x, y) in enumerate(_batches(4)):
+            if i == 2:
+                if trace == "jit.trace":
+                    torch.jit.trace(model, (x,))
+                else:
+                    torch.export.export(model, (x,))
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+        run = mon.run
+    assert run.n_steps == 4
+    assert not (run.metric("output_nonfinite").to_numpy() == 1).any()
+    assert run.metric("act_mean").notna().all(axis=1).sum() == 2  # steps 0 and 2
+    assert "nonfinite" not in [f.code for f in gradscope.diagnose(run)]

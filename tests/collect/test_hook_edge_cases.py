@@ -4,6 +4,7 @@ appear (the autouse fixture turns them into errors), and the recorded numbers eq
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -490,3 +491,109 @@ def test_float64_norms_keep_float32_range(held: bool, device_gradients: Any, qui
     norms = run.metric("param_grad_norm")["scale"].to_numpy()
     np.testing.assert_allclose(norms, [1e20 * 3**0.5, 1e-24 * 3**0.5], rtol=1e-6)
     assert (run.metric("grad_nonfinite").to_numpy() == 0).all()
+
+
+def test_a_model_cast_mid_run_measures_its_updates_against_a_snapshot_in_the_new_dtype(quiet: dict[str, Any]) -> None:
+    """The copy of θ taken before each update is made again when the model's dtype changed: a
+    float32 copy of a float64 model rounds θ by ~1e-8 relative, more than a small update moves it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-7)
+    expected = []
+    with gradscope.Monitor(model, opt, update_every=1, **quiet) as mon:
+        for step in range(5):
+            if step == 2:
+                model.double()
+            dtype = next(model.parameters()).dtype
+            x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step), dtype=dtype)
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            mon.step(loss)
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            expected.append([float((p.detach() - b).norm()) for p, b in zip(model.parameters(), before, strict=True)])
+        run = mon.run
+    names = [name for name, _ in model.named_parameters()]
+    np.testing.assert_allclose(run.metric("param_update_norm")[names].to_numpy()[2:], expected[2:], rtol=1e-4)
+
+
+def test_a_learning_rate_held_as_a_tensor_is_recorded_step_by_step(quiet: dict[str, Any]) -> None:
+    """A tensor learning rate (as compiled optimizers take) is changed in place by schedulers:
+    each step's value is copied, not the tensor kept until the write."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.1))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with gradscope.Monitor(model, opt, **quiet) as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            scheduler.step()
+        run = mon.run
+    np.testing.assert_allclose(run.metric("lr.0").to_numpy().ravel(), [0.1, 0.05, 0.025, 0.0125], rtol=1e-6)
+
+
+@dataclasses.dataclass
+class _Prediction:
+    logits: torch.Tensor
+    note: str = "a dataclass output, as some model libraries return"
+
+
+class _DataclassModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> _Prediction:
+        return _Prediction(self.net(x) * float("nan"))  # the output goes NaN
+
+
+def test_a_dataclass_output_is_checked_like_a_dict(quiet: dict[str, Any]) -> None:
+    model = _DataclassModel()
+    with gradscope.Monitor(model, **quiet) as mon:
+        out = model(torch.randn(8, 4))
+        loss = out.logits.mean()
+        loss.backward()
+        mon.step(loss)
+        run = mon.run
+    assert run.metric("output_nonfinite")["(output)"].tolist() == [1.0]  # not 0 (checked, finite)
+
+
+class _CallsForwardDirectly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 8)
+        self.second = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second.forward(self.first.forward(x))  # .forward(): past every hook
+
+
+def test_sampled_steps_whose_module_hooks_never_run_are_reported_once(quiet: dict[str, Any]) -> None:
+    model = _CallsForwardDirectly()
+    with pytest.warns(RuntimeWarning, match="no module's forward hook ran on sampled step 0") as warned, gradscope.Monitor(model, activation_every=2, **quiet) as mon:
+        for _ in range(5):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            mon.step(loss)
+    assert sum("forward hook ran" in str(w.message) for w in warned) == 1
+
+
+@pytest.mark.parametrize("how", ["load_state_dict(assign=True)", "weight_norm"])
+def test_parameters_replaced_after_the_monitor_is_created_are_reported(how: str, quiet: dict[str, Any]) -> None:
+    """Replaced parameters get no gradient: without a word they would read as cut off from the loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    with gradscope.Monitor(model, **quiet) as mon:
+        if how == "weight_norm":
+            nn.utils.parametrizations.weight_norm(model[0])
+        else:
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        with pytest.warns(RuntimeWarning, match="no longer the model's .*0.weight"):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            mon.step(loss)
