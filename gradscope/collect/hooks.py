@@ -10,7 +10,7 @@ plain, unmonitored model and the Monitor stays with the original.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any
 
 __all__ = ["CopySafeHook", "InertHook"]
@@ -32,19 +32,15 @@ class InertHook:
         return "InertHook()"
 
 
-class CopySafeHook:
-    """``call`` as a module hook that copies (``copy.deepcopy``) and pickles as an :class:`InertHook`."""
+class CopySafeHook(functools.partial[None]):
+    """``CopySafeHook(call)``: ``call`` as a module hook that copies (``copy.deepcopy``) and pickles
+    as an :class:`InertHook`. A ``functools.partial``, whose call runs in C: a Python ``__call__``
+    would add a frame to every forward."""
 
-    __slots__ = ("_call",)
-
-    def __init__(self, call: Callable[..., None]) -> None:
-        self._call = call
-
-    def __call__(self, *args: Any) -> None:
-        self._call(*args)
+    __slots__ = ()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InertHook:
         return InertHook()
 
-    def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
+    def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:  # type: ignore[override]
         return (InertHook, ())
