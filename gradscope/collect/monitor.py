@@ -564,7 +564,7 @@ class Monitor:
             if not _training_forward():
                 return
             self._forward_since_step = self._module_hook_ran = True
-            if name in self._failed_hooks or not (self._sampling or self.check_outputs):
+            if name in self._failed_hooks or not (self._sampling or self.check_outputs or self._first_step):
                 return  # compiled in, the hooks stay attached on the other steps (see _model_is_compiled)
             try:
                 self._observe(index, stats.first_tensor(output))
@@ -766,11 +766,10 @@ class Monitor:
         except BaseException:
             self._forget_unrecorded(step)
             raise
-        if self._sampling and self._forward_since_step and not self._module_hook_ran and not self._hooks_silence_reported:
-            self._report_silent_module_hooks(step)
+        # The step is recorded; what it found is reported once the Monitor's state has moved on,
+        # so that a warning turned into an error (-W error) loses nothing.
+        silent_hooks = self._sampling and self._forward_since_step and not self._module_hook_ran and not self._hooks_silence_reported
         self._module_hook_ran = False
-        if not self._all_grads_last_step and not self._replaced_params_checked:
-            self._report_replaced_parameters()
         self._sentinel.clear()
         self._observed.clear()
         self._held_input = self._held_output = None
@@ -792,6 +791,10 @@ class Monitor:
             self._update_optimizer_hooks()  # they change only at the first and third step of a cycle
         if self._optimizer is None and self.update_every and (step - 1) % self.update_every == 0:
             self._take_snapshot()  # the update of the step just recorded happens after step()
+        if silent_hooks:
+            self._report_silent_module_hooks(step - 1)
+        if not self._all_grads_last_step and not self._replaced_params_checked:
+            self._report_replaced_parameters()
 
     def _model_is_compiled(self) -> bool:
         """Whether the model runs compiled with its hooks inside the graph: handed over compiled
@@ -806,17 +809,20 @@ class Monitor:
         )
 
     def _report_silent_module_hooks(self, step: int) -> None:
-        """Warn once when a sampled step's training forward ran none of the module hooks: a model
-        compiled before the Monitor was attached (``Monitor(torch.compile(model))``, or
-        ``model.compile()``) reuses a graph traced without them, and every activation statistic
-        would be missing without a word."""
-        if self._failed_hooks:
-            return
+        """Warn once when a sampled step's training forward ran none of the watched modules' hooks,
+        so that missing activation statistics are not missing without a word: modules called
+        through ``.forward()``, run under ``torch.no_grad()`` inside the model's forward, or
+        compiled in a graph traced while the hooks were removed (a compiled wrapper that ran before
+        the Monitor existed; ``model.compile()`` between two sampled steps)."""
+        if any(name in self._failed_hooks for name in self._layout.watched_names):
+            return  # already reported as failed
         self._hooks_silence_reported = True
         warnings.warn(
-            f"gradscope: no module's forward hook ran on sampled step {step}, so activation statistics and per-module "
-            "NaN tracing are missing; a model compiled before the Monitor was attached runs without its hooks. Attach the "
-            "Monitor to the model first, then compile it (torch.compile(model)); losses, gradients and updates are recorded either way",
+            f"gradscope: no module's forward hook ran in the training forward of sampled step {step}, so activation "
+            "statistics and per-module NaN tracing are missing there. Modules called through .forward(), run under "
+            "torch.no_grad() inside forward, or compiled while gradscope's hooks were not attached run without them; "
+            "with torch.compile, compile the whole model once the Monitor exists (torch.compile(model)). Losses, "
+            "gradients and updates are recorded either way",
             RuntimeWarning,
             stacklevel=4,
         )

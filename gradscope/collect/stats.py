@@ -62,7 +62,7 @@ def first_tensor(output: object) -> torch.Tensor | None:
                 return found
     if dataclasses.is_dataclass(output) and not isinstance(output, type):
         for field in dataclasses.fields(output):
-            found = first_tensor(getattr(output, field.name))
+            found = first_tensor(getattr(output, field.name, None))  # a field(init=False) may be unset
             if found is not None:
                 return found
     return None

@@ -5,6 +5,7 @@ appear (the autouse fixture turns them into errors), and the recorded numbers eq
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -539,7 +540,8 @@ def test_a_learning_rate_held_as_a_tensor_is_recorded_step_by_step(quiet: dict[s
 
 @dataclasses.dataclass
 class _Prediction:
-    logits: torch.Tensor
+    cache: torch.Tensor = dataclasses.field(init=False)  # never set: reading it raises
+    logits: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(()))
     note: str = "a dataclass output, as some model libraries return"
 
 
@@ -549,7 +551,7 @@ class _DataclassModel(nn.Module):
         self.net = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> _Prediction:
-        return _Prediction(self.net(x) * float("nan"))  # the output goes NaN
+        return _Prediction(logits=self.net(x) * float("nan"))  # the output goes NaN
 
 
 def test_a_dataclass_output_is_checked_like_a_dict(quiet: dict[str, Any]) -> None:
@@ -575,7 +577,7 @@ class _CallsForwardDirectly(nn.Module):
 
 def test_sampled_steps_whose_module_hooks_never_run_are_reported_once(quiet: dict[str, Any]) -> None:
     model = _CallsForwardDirectly()
-    with pytest.warns(RuntimeWarning, match="no module's forward hook ran on sampled step 0") as warned, gradscope.Monitor(model, activation_every=2, **quiet) as mon:
+    with pytest.warns(RuntimeWarning, match="no module.s forward hook ran in the training forward of sampled step 0") as warned, gradscope.Monitor(model, activation_every=2, **quiet) as mon:
         for _ in range(5):
             loss = model(torch.randn(8, 4)).pow(2).mean()
             loss.backward()
@@ -597,3 +599,44 @@ def test_parameters_replaced_after_the_monitor_is_created_are_reported(how: str,
             loss = model(torch.randn(8, 4)).pow(2).mean()
             loss.backward()
             mon.step(loss)
+
+
+class _RegisteredBackwards(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dec = nn.Linear(8, 2)  # registered first, runs second
+        self.enc = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.relu(self.enc(x)))
+
+
+@pytest.mark.parametrize("activation_every", [0, 50])
+def test_the_forward_order_is_taken_on_step_0_whatever_the_cadence(activation_every: int, quiet: dict[str, Any]) -> None:
+    model = _RegisteredBackwards()
+    with gradscope.Monitor(model, activation_every=activation_every, **quiet) as mon:
+        for _ in range(3):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            mon.step(loss)
+        run = mon.run
+    assert run.forward_order == ["enc", "dec"]
+    assert run.layers[:2] == ["enc", "dec"]
+
+
+def test_warnings_raised_as_errors_lose_no_step(quiet: dict[str, Any]) -> None:
+    """Under ``-W error`` a gradscope warning raises in the loop; the step it reports on is
+    recorded first, so the run keeps every step."""
+    model = _CallsForwardDirectly()
+    mon = gradscope.Monitor(model, activation_every=2, **quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for step in range(4):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            try:
+                mon.step(loss)
+            except RuntimeWarning:
+                assert step == 0  # the one report, once
+    mon.close()
+    assert mon.run.n_steps == 4
