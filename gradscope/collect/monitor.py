@@ -1029,7 +1029,7 @@ class Monitor:
             try:
                 return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
             except (NotImplementedError, RuntimeError):
-                self._plain_grads = False  # sparse gradients (nn.Embedding(sparse=True)): the general path from now on
+                self._plain_grads = False  # sparse (nn.Embedding(sparse=True)) or, after a cast, float64: the general path from now on
         return _float32_norms([_real(_dense(g)) for g in grads])
 
     def _measure_update_without_optimizer(self) -> None:
