@@ -797,16 +797,19 @@ class Monitor:
             self._report_replaced_parameters()
 
     def _model_is_compiled(self) -> bool:
-        """Whether the model runs compiled with its hooks inside the graph: handed over compiled
-        (``Monitor(torch.compile(model))``) or compiled in place (``model.compile()``). A compiled
-        graph does not notice hooks added or removed later, so the module hooks then stay attached
-        on every step, each returning at once off the sampled steps; the graph is guarded on that
-        (two variants). (``torch.compile(model)`` after the Monitor compiles a wrapper instead,
-        whose graphs follow the hooks.)"""
+        """Whether the model, or part of it, runs compiled with hooks inside the graph: handed over
+        compiled (``Monitor(torch.compile(model))``), or compiled in place, whole or by regions
+        (``model.compile()``, ``block.compile()``). A compiled graph does not notice hooks added or
+        removed later, so the module hooks then stay attached on every step, each returning at
+        once off the sampled steps; the graph is guarded on that (two variants). Asked once per
+        sampled step, when the hooks would come off. (``torch.compile(model)`` after the Monitor
+        compiles a wrapper instead, whose graphs follow the hooks.)"""
         model = self._model
-        return model is not None and (
-            isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiled_call_impl", None) is not None
-        )
+        if model is None:
+            return False
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            return True
+        return any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
 
     def _report_silent_module_hooks(self, step: int) -> None:
         """Warn once when a sampled step's training forward ran none of the watched modules' hooks,

@@ -172,3 +172,58 @@ def test_a_trace_of_the_model_between_steps_is_no_training_forward(trace: str) -
     assert not (run.metric("output_nonfinite").to_numpy() == 1).any()
     assert run.metric("act_mean").notna().all(axis=1).sum() == 2  # steps 0 and 2
     assert "nonfinite" not in [f.code for f in gradscope.diagnose(run)]
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+class _Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 16)
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_model_compiled_by_regions_records_what_the_eager_one_does(when: str) -> None:
+    """``block.compile()`` on each repeated block: the modules inside a block's graph kept the
+    hooks of the step it was traced on, so sampled steps after step 0 lost their statistics,
+    until the Monitor looked for compiled submodules too."""
+    runs = []
+    for compiled in (False, True):
+        model = _Blocks()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch._dynamo.reset()
+        if compiled and when == "before":
+            for block in model.blocks:
+                block.compile(backend="aot_eager")
+        with gradscope.Monitor(model, opt, activation_every=3, update_every=1, **quiet) as mon:
+            if compiled and when == "after":
+                for block in model.blocks:
+                    block.compile(backend="aot_eager")
+            for x, y in _batches(8):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+        runs.append(mon.run)
+    eager, compiled_run = runs
+    for metric in ("act_mean", "act_dead_frac", "grad_norm"):
+        np.testing.assert_allclose(compiled_run.metric(metric).to_numpy(), eager.metric(metric).to_numpy(), rtol=1e-5)
+    assert compiled_run.metric("act_mean").notna().all(axis=1).sum() == 3  # steps 0, 3, 6
