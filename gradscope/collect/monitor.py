@@ -314,6 +314,7 @@ class Monitor:
         self._module_hook_ran = False  # a watched module's hook ran since the last step()
         self._hooks_compiled_in = False  # see _model_is_compiled
         self._replaced_params_checked = False  # see _report_replaced_parameters
+        self._added_groups_reported = False  # see _learning_rates
         self._live_seen: dict[str, int] = {}  # code -> highest severity rank reported live
         self._live_findings: list[Finding] = []
         self._last_detect = 0
@@ -1305,6 +1306,15 @@ class Monitor:
             for i, row in enumerate(rows):
                 values = [float(v) for v in row][: self._n_groups]  # tensor learning rates are read here, once per flush
                 lr[i, : len(values)] = values
+            if not self._added_groups_reported and any(len(row) > self._n_groups for row in rows):
+                self._added_groups_reported = True
+                warnings.warn(
+                    f"gradscope: the optimizer has more parameter groups than the {self._n_groups} it had when the Monitor "
+                    "was created (add_param_group); the learning rates of the new ones are not recorded (a run's lr.<group> "
+                    "columns are fixed at its start). Add every group before creating the Monitor",
+                    RuntimeWarning,
+                    stacklevel=6,  # the step() that wrote
+                )
             return lr
 
     def _detection_due(self, step: int, nonfinite: bool) -> bool:

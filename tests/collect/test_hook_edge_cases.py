@@ -640,3 +640,20 @@ def test_warnings_raised_as_errors_lose_no_step(quiet: dict[str, Any]) -> None:
                 assert step == 0  # the one report, once
     mon.close()
     assert mon.run.n_steps == 4
+
+
+def test_a_param_group_added_after_the_monitor_is_created_is_reported(quiet: dict[str, Any]) -> None:
+    """Its learning rate has no column in the run: said once, at the write, not silently dropped."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="more parameter groups than the 1") as warned, gradscope.Monitor(model, opt, flush_every=2, **quiet) as mon:
+        for step in range(5):
+            if step == 1:
+                opt.add_param_group({"params": model[2].parameters(), "lr": 0.01})
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert sum("parameter groups" in str(w.message) for w in warned) == 1
+    np.testing.assert_allclose(mon.run.metric("lr.0").to_numpy().ravel(), [0.1] * 5)
