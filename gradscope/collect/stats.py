@@ -131,10 +131,10 @@ class Scratch:
 
     def like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Float32 views of the buffer shaped like ``x`` and flat (contents undefined), or None off
-        the CPU. The views are made once per shape: making them costs more than some reductions."""
+        the CPU and inside a graph being compiled (torch.compile: writes into a buffer from outside
+        the graph are mutations inductor refuses, and the compiler plans its own temporaries). The
+        views are made once per shape: making them costs more than some reductions."""
         if not x.is_cpu or torch.compiler.is_compiling():  # is_cpu: a flag, where x.device builds an object
-            # Compiled (torch.compile), writes into a buffer from outside the graph are mutations it
-            # refuses (inductor); the compiler plans its own temporaries anyway.
             return None
         views = self._views.get(x.shape)
         if views is None:
