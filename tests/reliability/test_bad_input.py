@@ -201,13 +201,24 @@ def test_cli_processes_print_one_line_and_no_traceback(bad_runs: dict[str, Path]
 # --------------------------------------------------------------------------- Monitor misuse not covered elsewhere
 
 
-@pytest.mark.parametrize("loss", [torch.tensor(1 + 2j), torch.tensor(0.5, device="meta")], ids=["complex", "meta"])
+@pytest.mark.parametrize(
+    "loss", [torch.tensor(1 + 2j), torch.tensor(0.5, device="meta"), torch.tensor(True)], ids=["complex", "meta", "bool"]
+)
 def test_a_loss_that_is_not_a_real_number_is_refused(loss: torch.Tensor) -> None:
     with gradscope.Monitor(nn.Linear(2, 2), on_finding=None) as mon:
         with pytest.raises(gradscope.InvalidInputError, match=r"expected a real scalar loss but got"):
             mon.step(loss)
         mon.step(0.5)
     assert mon.run.loss.tolist() == [0.5]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8, torch.float16, torch.bfloat16])
+def test_a_loss_of_any_real_dtype_is_recorded_as_its_value(dtype: torch.dtype) -> None:
+    # A count or a 0/1 error used as the loss is an integer tensor of whatever width the loop made.
+    with gradscope.Monitor(nn.Linear(2, 2), on_finding=None) as mon:
+        mon.step(torch.tensor(3, dtype=dtype))
+        mon.step(torch.tensor([[2]], dtype=dtype))
+    assert mon.run.loss.tolist() == [3.0, 2.0]
 
 
 def test_a_model_on_the_meta_device_is_refused() -> None:
