@@ -253,6 +253,11 @@ class Monitor:
         self._host_missing = np.zeros((rows, n_params), dtype=bool)
         self._host_modules_checked = np.zeros(rows, dtype=bool)  # module outputs were checked on that step
         self._io_unchecked: list[int] = []  # rows whose input batch and output were not checked
+        # Rows whose input batch (or output) was checked but not seen: passed by keyword only, or
+        # an output with no tensor gradscope can find. Stored as not checked, never as finite.
+        self._io_unseen = 0  # this step's forwards: bit 0 an input not seen, bit 1 an output
+        self._input_unseen: list[int] = []
+        self._output_unseen: list[int] = []
         self._loss_missing: list[int] = []  # rows whose step() got no loss: their NaN is no NaN loss
         # Activation statistics: one row per sampled step, watched modules + input.
         act_rows = self.flush_every // max(self.activation_every, 1) + 2
@@ -581,13 +586,17 @@ class Monitor:
 
         The input is the first tensor among the positional arguments. Keyword arguments are not
         looked at: PyTorch's keyword-aware hooks cost ~40 µs per forward on CPU, a tenth of a small
-        model's step, and inputs passed by keyword are mostly token ids, which cannot be NaN.
+        model's step, and inputs passed by keyword are mostly token ids, which cannot be NaN. An
+        input passed by keyword only, or an output with no tensor :func:`stats.first_tensor` can
+        find, is stored as not checked on the steps that check them.
         """
         if not _training_forward():
             return
         self._forward_since_step = True
         x = args[0] if args and type(args[0]) is torch.Tensor else stats.first_tensor(args)
         y = output if type(output) is torch.Tensor else stats.first_tensor(output)
+        if x is None or y is None:
+            self._io_unseen |= (x is None) | (y is None) << 1
         if self._io_on_demand and not self._sampling and self._held_input is None and self._held_output is None:
             # The common case, on every training forward: keep both for step() to check if needed.
             self._held_input = x.detach() if x is not None and x.requires_grad else x
@@ -778,6 +787,7 @@ class Monitor:
         self._held_input = self._held_output = None
         if self._io_sums:
             self._io_sums.clear()
+        self._io_unseen = 0
         self._step = step = step + 1
         self._first_step = False
         self._forward_since_step = False
@@ -839,8 +849,9 @@ class Monitor:
         row = step - self._base  # a flush may have run, or failed, before the failure
         for held in (self._held_losses, self._held_grads, self._held_io):
             held.forget(row)
-        if self._io_unchecked and self._io_unchecked[-1] == row:
-            self._io_unchecked.pop()
+        for rows in (self._io_unchecked, self._input_unseen, self._output_unseen):
+            if rows and rows[-1] == row:
+                rows.pop()
         if self._grad_scaler is None:  # with a GradScaler the row's gradients come from optimizer.step()
             self._host_missing[row] = False
         self._host_modules_checked[row] = False
@@ -851,6 +862,7 @@ class Monitor:
         self._observed.clear()
         self._sentinel.clear()
         self._io_sums.clear()
+        self._io_unseen = 0
         self._held_input = self._held_output = None
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
@@ -937,6 +949,10 @@ class Monitor:
             input_sum = observed_input.total  # sampled: its statistics hold the sum
         else:
             input_sum = self._io_sums.get(schema.INPUT_LAYER, self._zero)
+        if self._io_unseen & 1:
+            self._input_unseen.append(row)
+        if self._io_unseen & 2:
+            self._output_unseen.append(row)
         return [input_sum, self._io_sums.get(schema.OUTPUT_LAYER, self._zero)]
 
     def _record_watched_sentinels(self, row: int) -> None:
@@ -1150,6 +1166,8 @@ class Monitor:
         self._host_modules_checked[0] = self._host_modules_checked[n]
         self._host_modules_checked[1:] = False
         self._io_unchecked = _rows_after(self._io_unchecked, n)
+        self._input_unseen = _rows_after(self._input_unseen, n)
+        self._output_unseen = _rows_after(self._output_unseen, n)
         self._loss_missing = _rows_after(self._loss_missing, n)
         self._base = upto
         self._flush_deadline = self._next_flush_deadline()
@@ -1252,6 +1270,8 @@ class Monitor:
             output_nonfinite = (~np.isfinite(sentinel)).astype(np.float64)
         output_nonfinite[~self._host_modules_checked[:n], : self._n_watched] = np.nan  # not checked
         output_nonfinite[_rows_mask(self._io_unchecked, n), self._n_watched :] = np.nan
+        output_nonfinite[_rows_mask(self._input_unseen, n), self._n_watched] = np.nan
+        output_nonfinite[_rows_mask(self._output_unseen, n), self._n_watched + 1] = np.nan
         return np.concatenate(
             [
                 host[:, :1],

@@ -614,3 +614,35 @@ def test_a_bfloat16_default_dtype_still_records_in_float32(quiet: dict[str, Any]
     finally:
         torch.set_default_dtype(previous)
     np.testing.assert_allclose(run.metric("param_grad_norm").to_numpy(), expected, rtol=1e-6)
+
+
+class _KeywordModel(nn.Module):
+    """A model called with keyword arguments only (as the Hugging Face Trainer calls its models),
+    returning an object that is not a tensor, tuple, list, dict or dataclass."""
+
+    class Output:
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, features: torch.Tensor) -> _KeywordModel.Output:
+        return _KeywordModel.Output(self.linear(features))
+
+
+@pytest.mark.parametrize("options", [dict(activation_every=0), dict(activation_every=1), dict(check_outputs=True)])
+def test_an_input_or_output_gradscope_cannot_see_is_stored_as_not_checked(options: dict[str, Any], quiet: dict[str, Any]) -> None:
+    """The model hook reads positional inputs and tensor-like outputs only: on a step whose input and
+    output are checked, one it could not see reads as not checked (NaN), never as checked and finite."""
+    model = _KeywordModel()
+    with gradscope.Monitor(model, **options, **quiet) as mon:
+        for loss_factor in (1.0, math.nan):
+            model.zero_grad()
+            out = model(features=torch.randn(8, 4))
+            loss = out.logits.sum() * loss_factor
+            loss.backward()
+            mon.step(loss)
+        flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]].to_numpy()
+    assert np.isnan(flags).all()
