@@ -57,7 +57,8 @@ def synthetic_run(
         grad_norm, weight_norm, update_norm: per layer (module owning parameters), ``(n_steps,)``
             each, or a scalar broadcast over the steps. Layers are taken in the order given.
         grad_missing: per layer, the number of parameters without a gradient at each step.
-        output_nonfinite: per module, 1 where its output held NaN/Inf (``"(input)"`` for the batch).
+        output_nonfinite: per module, 1 where its output held NaN/Inf, NaN where it was not checked
+            (``"(input)"`` for the batch, ``"(output)"`` for the model's output); 0 by default.
         activations: ``{metric: {module: series}}`` for ``act_*`` metrics, sampled on
             ``activation_steps`` (default: every step).
         lr: learning rate of param group 0 (scalar or per step); ``None`` for no optimizer.
@@ -117,7 +118,7 @@ def synthetic_run(
             columns.append((f"{layer}.weight", metric))
             values.append(series[layer])
     nonfinite_out = dict(output_nonfinite or {})
-    for name in [*watched, schema.INPUT_LAYER]:
+    for name in [*watched, schema.INPUT_LAYER, schema.OUTPUT_LAYER]:  # as a Monitor stores them
         columns.append((name, schema.OUTPUT_NONFINITE))
         values.append(per_step(nonfinite_out.get(name), 0.0))
     step_chunk = Chunk(steps, np.stack(values, axis=1).astype(np.float32))

@@ -61,6 +61,27 @@ def test_nonfinite_loss_from_finite_outputs_blames_the_loss_code() -> None:
     assert f.fixes[0].kind.value == "code" and "cross_entropy" in f.fixes[0].action
 
 
+@pytest.mark.parametrize(
+    ("checked", "claim"),
+    [
+        ({"(output)": 0.0}, "while the model's output was finite:"),  # modules are checked on sampled steps only
+        ({"fc0": 0.0, "act0": 0.0}, "while every module output checked there was finite (the model's output was not checked):"),
+        ({}, "where no model or module output was checked:"),  # an output gradscope finds no tensor in
+    ],
+)
+def test_nonfinite_loss_claims_finite_outputs_only_where_they_were_checked(checked: dict[str, float], claim: str) -> None:
+    n, at = 200, 150
+    loss = np.r_[np.geomspace(2.3, 0.5, at), np.full(n - at, np.nan)]
+    grad = np.r_[np.full(at, 0.3), np.full(n - at, np.nan)]
+    modules = ["fc0", "act0", "fc1", "act1", "head", "(output)"]
+    outputs = {m: np.r_[np.zeros(at), np.full(n - at, np.nan)] for m in modules}  # not checked from step 150 on
+    for module, value in checked.items():
+        outputs[module][at] = value
+    run = synth.mlp_run(loss, grad={"fc0": grad, "fc1": grad, "head": grad}, output_nonfinite=outputs)
+    f = only(gradscope.diagnose(run), "nonfinite")
+    assert f.step == at and claim in f.message, f.message
+
+
 def test_nonfinite_after_a_blow_up_asks_for_a_lower_learning_rate() -> None:
     n = 100
     loss = np.r_[np.geomspace(2.3, 1.0, 50), np.geomspace(1.0, 1e8, 10), np.full(n - 60, np.nan)]

@@ -152,7 +152,7 @@ class NonFinite(Detector):
             "recovered": 0 if end_run else 1,
             "growth_decades_before": float(growth),
         }
-        message = self._message(cause, s0, layers, f, end_run == 0, int(bad.sum()), lv.raw, i0)
+        message = self._message(cause, s0, layers, f, end_run == 0, int(bad.sum()), _finite_outputs(run, i0))
         rank = _first_nonfinite_rank(run, i0)
         if rank is not None:
             # Under torch.distributed the run records, per step, the lowest rank whose own loss or
@@ -201,7 +201,7 @@ class NonFinite(Detector):
         return False, growth
 
     def _message(
-        self, cause: str, step: int | None, layers: list[str], f: A.RunFacts, recovered: bool, count: int, loss: np.ndarray, i0: int
+        self, cause: str, step: int | None, layers: list[str], f: A.RunFacts, recovered: bool, count: int, finite_outputs: str | None
     ) -> str:
         where = f"step {step}"
         first = layers[0] if layers else None
@@ -218,8 +218,10 @@ class NonFinite(Detector):
         if cause == "divergence":
             what = f"`{first}` ({kind}) output" if first else "the gradients"
             return f"the run diverged into NaN/Inf at {where}: {what} went non-finite after the loss/gradients grew{tail}"
+        if cause == "loss" and finite_outputs is None:
+            return f"the loss became NaN/Inf at {where}, where no model or module output was checked: the loss computation is the likely cause{tail}"
         if cause == "loss":
-            return f"the loss became NaN/Inf at {where} while every module output was finite: the loss computation itself is unstable{tail}"
+            return f"the loss became NaN/Inf at {where} while {finite_outputs}: the loss computation itself is unstable{tail}"
         if cause == "module" and first == OUTPUT_LAYER:
             return (
                 f"the model's output went NaN/Inf at {where} from a finite input batch; modules are checked on sampled "
@@ -332,6 +334,24 @@ def _outputs_bad(run: Run, order: list[str]) -> tuple[np.ndarray, list[str]]:
     columns += [c for c in names if c not in set(columns)]
     position = {name: i for i, name in enumerate(names)}
     return (values > 0)[:, [position[c] for c in columns]], columns
+
+
+def _finite_outputs(run: Run, row: int) -> str | None:
+    """What was checked, and found finite, among the model's and modules' outputs at ``row``, as a
+    message says it; None when none was. (Modules are checked on sampled steps only, and an output
+    gradscope finds no tensor in is never checked: a message must not claim more.)"""
+    if OUTPUT_NONFINITE not in run.metrics or row >= run.n_steps:
+        return None
+    values, names = run.metric_array(OUTPUT_NONFINITE)
+    outputs = {name: value for name, value in zip(names, values[row], strict=True) if name != run.input_layer}
+    finite = {name for name, value in outputs.items() if value == 0}  # NaN: not checked; 1: Inf by design (masks)
+    if outputs and len(finite) == len(outputs):
+        return "every module output was finite"
+    if OUTPUT_LAYER in finite:
+        return "the model's output was finite"
+    if finite and not any(value > 0 for value in outputs.values()):
+        return "every module output checked there was finite (the model's output was not checked)"
+    return None
 
 
 def _grad_bad_layers(run: Run, row: int) -> list[str]:
