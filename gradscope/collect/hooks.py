@@ -10,14 +10,19 @@ plain, unmonitored model and the Monitor stays with the original.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
+
+from torch import nn
 
 __all__ = ["CopySafeHook", "InertHook"]
 
 
 class InertHook:
-    """What a copied or unpickled model keeps of a gradscope hook: a hook that does nothing.
+    """What a copied or unpickled model keeps of a gradscope hook: a hook that does nothing, and
+    removes itself from its module the first time it runs, so that the copy's modules go back to
+    PyTorch's fast call path (a module with any hook takes the slower one on every call).
 
     A model saved whole with ``torch.save(model)`` while monitored needs gradscope importable to
     load, as it would for any hook; ``torch.save(model.state_dict())`` holds no hook at all.
@@ -26,6 +31,10 @@ class InertHook:
     __slots__ = ()
 
     def __call__(self, *args: Any) -> None:
+        module = args[0] if args else None
+        if isinstance(module, nn.Module):
+            with contextlib.suppress(Exception):  # a cleanup only: never fail the copy's forward
+                _remove(self, module)
         return None
 
     def __repr__(self) -> str:
@@ -44,3 +53,13 @@ class CopySafeHook(functools.partial[None]):
 
     def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:  # type: ignore[override]
         return (InertHook, ())
+
+
+def _remove(hook: InertHook, module: nn.Module) -> None:
+    """Take ``hook`` out of ``module``'s forward hooks. (PyTorch runs a module's hooks from a copy
+    of its hook table, so this is safe while they run.)"""
+    for key, registered in list(module._forward_hooks.items()):
+        if registered is hook:
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)

@@ -1,7 +1,8 @@
 """A monitored model can be copied and saved whole, as training code does: ``copy.deepcopy`` (an
 EMA or teacher copy), ``torch.optim.swa_utils.AveragedModel`` and ``torch.save(model)``. The copy
-carries inert hooks: it is not monitored, and the Monitor with its open run store is neither
-copied nor pickled. The original goes on recording as before."""
+carries inert hooks, which remove themselves at its first forward: it is not monitored, and the
+Monitor with its open run store is neither copied nor pickled. The original goes on recording as
+before."""
 
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ def test_a_copy_of_a_monitored_model_is_a_plain_model(
         twin_opt.step()
         assert (mon._held_input, mon._held_output) == held
         assert mon.steps_recorded == at_step
+        # its inert hooks removed themselves in that forward: a plain model takes the fast call path
+        assert not any(m._forward_hooks for m in twin.modules())
+        assert any(m._forward_hooks for m in model.modules())
 
         _train(model, opt, mon, 7, seed=1)
     run = gradscope.load(tmp_path / "run")
