@@ -11,14 +11,16 @@ for comparison: a norm and an ``.item()`` per parameter per step, and a 64-bin h
 gradient per step copied to the host (the computation of histogram logging, without its writes).
 ``--breakdown`` adds gradscope recording only what it records every step (no activation
 statistics, no update measurements, no live detection), which splits the default's cost into the
-per-step part and the sampled part.
-Run:  python -m benchmarks.overhead [--blocks 30] [--quick] [--references] [--breakdown]
+per-step part and the sampled part. ``--peers`` adds the tools people use today, where installed
+(wandb, TensorBoard, torchmortem, Cockpit: see ``benchmarks/peers.py``), each in a run of its own.
+Run:  python -m benchmarks.overhead [--blocks 30] [--quick] [--references] [--breakdown] [--peers]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import platform
 import statistics
 import tempfile
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 import gradscope
+from benchmarks import peers
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,18 @@ class _Loop:
             self.monitor = gradscope.Monitor(
                 self.model, self.opt, log_dir=log_root / "per_step_only", activation_every=0, update_every=0, on_finding=None
             )
+        self.peer = peers.make(variant, self.model, self.opt, log_root / variant) if variant in peers.PEERS else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sink = 0.0
 
     def run(self, steps: int, g: torch.Generator) -> float:
         batches = [self.batch(g) for _ in range(steps)]
         start = time.perf_counter()
+        if self.peer is not None:
+            with peers.quiet():
+                for x, y in batches:
+                    self.peer.step(x, y)
+            return (time.perf_counter() - start) / steps
         for x, y in batches:
             self.opt.zero_grad()
             loss = nn.functional.cross_entropy(self.model(x), y)
@@ -141,6 +150,9 @@ class _Loop:
     def close(self) -> None:
         if self.monitor is not None:
             self.monitor.close()
+        if self.peer is not None:
+            with peers.quiet():
+                self.peer.close()
 
 
 VARIANTS = ("bare", "floor", "default", "everything")
@@ -153,6 +165,7 @@ _HEADERS = {
     "per_step_only": "gradscope per-step part only",
     "per_param_item": "norm + .item() per parameter",
     "histograms": "histogram of every gradient",
+    **peers.HEADERS,
 }
 
 
@@ -227,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--references", action="store_true", help="also time two common hand-written gradient monitors")
     parser.add_argument("--breakdown", action="store_true", help="also time gradscope's per-step recording alone")
+    parser.add_argument("--peers", action="store_true", help="also time the peer tools that are installed (benchmarks/peers.py)")
+    parser.add_argument("--peer-blocks", type=int, default=8, help="interleaved blocks per variant in each peer's run")
+    parser.add_argument("--peer-steps", type=int, default=20, help="steps per block in each peer's run")
     args = parser.parse_args(argv)
     variants = VARIANTS + (BREAKDOWN if args.breakdown else ()) + (REFERENCES if args.references else ())
     torch.set_num_threads(args.threads)
@@ -238,7 +254,54 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure(workload, blocks=blocks, steps_per_block=steps, warmup=steps, variants=variants))
         print(f"  measured {workload.name}", flush=True)
     print(render(results))
+    if args.peers:
+        print()
+        print(render_peers(measure_peers(args.peer_blocks, args.peer_steps)))
     return 0
+
+
+def measure_peers(blocks: int, steps: int) -> list[tuple[str, float, dict[str, str], list[str]]]:
+    """Each installed peer against the bare loop, with gradscope's default alongside, one workload
+    and one peer per measurement: a peer's own processes (wandb's service) then slow only the loops
+    measured with it. Per workload: its name, the bare ms/step, a cell per peer, and gradscope's
+    default ratio from each of those measurements."""
+    names = peers.installed()
+    rows = []
+    for workload in WORKLOADS:
+        cells: dict[str, str] = {}
+        defaults: list[str] = []
+        bare_ms: list[float] = []
+        for name in names:
+            try:
+                r = measure(workload, blocks=blocks, steps_per_block=steps, warmup=steps, variants=("bare", "default", name))
+            except Exception as e:  # a peer that cannot watch this model (BackPACK and a transformer)
+                cells[name] = f"fails: {peers.describe_failure(e)}"
+                continue
+            m, lo, hi = r.ratios[name]
+            cells[name] = f"{m:.2f}× ({lo:.2f}–{hi:.2f})"
+            defaults.append(f"{r.ratios['default'][0]:.3f}×")
+            bare_ms.append(r.bare_ms)
+        rows.append((workload.name, statistics.median(bare_ms) if bare_ms else math.nan, cells, defaults))
+        print(f"  measured the peers on {workload.name}", flush=True)
+    return rows
+
+
+def render_peers(rows: list[tuple[str, float, dict[str, str], list[str]]]) -> str:
+    names = peers.installed()
+    if not names:
+        return "No peer is installed (pip install -e \".[peers]\"): none measured."
+    lines = [
+        "Peers, each measured against the bare loop in a run of its own (median per-block ratio, min–max),",
+        "with gradscope's default measured alongside in each of those runs:",
+        "",
+        "| workload | bare ms/step | " + " | ".join(peers.HEADERS[n] for n in names) + " | gradscope default, same runs |",
+        "|---|---|" + "---|" * (len(names) + 1),
+    ]
+    for workload, bare_ms, cells, defaults in rows:
+        lines.append(
+            f"| {workload} | {bare_ms:.2f} | " + " | ".join(cells.get(n, "not run") for n in names) + f" | {' / '.join(defaults)} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,13 @@ costs multiples, not percent.
 
 from __future__ import annotations
 
-from benchmarks import overhead
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import overhead, peers
 
 
 def test_the_default_and_everything_settings_stay_near_a_bare_loop() -> None:
@@ -33,3 +39,40 @@ def test_the_hand_written_references_are_timed_and_shown_beside_gradscope() -> N
     assert set(result.totals) == set(variants[1:]) and all(total > 0 for total in result.totals.values())
     totals_row = table[-1]  # the ratio of total times, which counts the rare slow blocks too
     assert totals_row.startswith(f"| {result.workload} |") and totals_row.count("×") == len(variants) - 1
+
+
+def test_peers_that_are_not_installed_are_said_to_be_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peers, "installed", lambda: [])
+    assert "No peer is installed" in overhead.render_peers(overhead.measure_peers(blocks=1, steps=1))
+
+
+class _FailingPeer(peers.Peer):
+    def __init__(self, *args: object) -> None:
+        raise RuntimeError("this model's modules are not supported\nsecond line")
+
+
+class _CountingPeer(peers.Peer):
+    steps = 0
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, log_root: Path) -> None:
+        super().__init__(model, opt)
+
+    def record(self, loss: torch.Tensor) -> None:
+        _CountingPeer.steps += 1
+
+
+def test_an_installed_peer_is_timed_beside_gradscope_and_one_that_fails_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer trains its own copy through whole steps; one that cannot watch a model (Cockpit on a
+    transformer) fails in its cell, and the others are still measured."""
+    _CountingPeer.steps = 0
+    monkeypatch.setattr(peers, "installed", lambda: ["wandb", "cockpit"])
+    monkeypatch.setitem(peers._MAKERS, "wandb", _CountingPeer)
+    monkeypatch.setitem(peers._MAKERS, "cockpit", _FailingPeer)
+    monkeypatch.setattr(overhead, "WORKLOADS", overhead.WORKLOADS[:1])
+    rows = overhead.measure_peers(blocks=2, steps=3)
+    assert _CountingPeer.steps == 3 + 2 * 3  # the warm-up block, then two blocks
+    table = overhead.render_peers(rows).splitlines()
+    row = table[-1]
+    assert row.startswith(f"| {overhead.WORKLOADS[0].name} |")
+    assert "fails: RuntimeError: this model's modules are not supported |" in row
+    assert row.count("×") == 2  # the peer's ratio, and gradscope's default measured beside it
