@@ -261,8 +261,8 @@ def format_number(value: float, digits: int = 2) -> str:
 def transform_loss(loss: npt.ArrayLike) -> tuple[FloatArray, bool]:
     """The loss in the space its thresholds are read in: ``(values, is_log)``.
 
-    Non-negative losses go to log10 (a decade is a factor of 10; exact zeros count as the smallest
-    positive value). A loss that takes negative values
+    Non-negative losses go to log10 (a decade is a factor of 10; exact zeros are left out, as NaN).
+    A loss that takes negative values
     (a log-likelihood, a reward) stays linear, divided by its robust spread so that one unit is a
     typical swing; non-finite values become NaN either way.
     """
@@ -271,10 +271,11 @@ def transform_loss(loss: npt.ArrayLike) -> tuple[FloatArray, bool]:
     if not finite.size:
         return np.full(arr.shape, np.nan), True
     if (finite >= 0).all() and (finite > 0).any():
-        # A loss of exactly 0 happens (a perfectly classified batch in float32): it stands at the
-        # smallest positive value seen, so the curve stays in log space.
-        floor = float(finite[finite > 0].min())
-        return log10_positive(np.where(np.isfinite(arr), np.maximum(arr, floor), arr)), True
+        # A loss of exactly 0 (every example of a batch classified with a margin past float32's
+        # range) has no level in log space: it is left out, as a step with no loss is. Standing it
+        # at some positive value instead would invent a level: at the smallest one seen, a diverged
+        # run whose loss swings between 0 and 10^3 read as noise of ~0.75 decades around its start.
+        return log10_positive(arr), True
     center, scale = robust_center_scale(finite)
     spread = max(scale, float(np.ptp(finite)) / 10, 1e-12)
     out = np.where(np.isfinite(arr), (arr - center) / spread, np.nan)

@@ -96,7 +96,7 @@ def test_format_number_keeps_two_significant_digits() -> None:
 def test_transform_loss_uses_log_space_for_non_negative_losses() -> None:
     values, is_log = F.transform_loss([100.0, 10.0, 0.0, math.nan])
     assert is_log
-    np.testing.assert_allclose(values, [2.0, 1.0, 1.0, np.nan])  # an exact 0 stands at the smallest positive value
+    np.testing.assert_allclose(values, [2.0, 1.0, np.nan, np.nan])  # an exact 0 has no level in log space
     values, is_log = F.transform_loss([0.5, -1.0, -2.0, -2.5])
     assert not is_log and np.isfinite(values).all()
 

@@ -309,3 +309,21 @@ def test_mis_scaled_initialisation_is_found_from_the_first_forward() -> None:
     assert f.fixes[0].kind.value == "initialization" and "kaiming" in f.fixes[0].action
     default = synth.mlp_run(np.geomspace(2.3, 0.1, 300), depth=5, init_gain=0.58)
     assert not [f for f in gradscope.diagnose(default) if f.code == "init_scale"]
+
+
+def test_a_diverged_loss_that_swings_down_to_exact_zeros_is_an_explosion() -> None:
+    """Diverged weights give huge logits: the cross-entropy of a batch is then either huge or, every
+    example classified past float32's range, exactly 0. The zeros are no level to measure noise by."""
+    rng = np.random.default_rng(0)
+    n = 250
+    loss = np.r_[1.34, 10 ** rng.uniform(1.5, 3.4, n - 1)]
+    loss[1:][rng.random(n - 1) < 0.25] = 0.0
+    f = only(gradscope.diagnose(synth.mlp_run(loss, lr=5.0)), "exploding_loss")
+    assert f.severity is Severity.ERROR and f.step == 1
+
+
+def test_a_loss_that_converges_to_exact_zeros_is_healthy() -> None:
+    loss = np.geomspace(2.3, 1e-6, 300)
+    loss[200:][::3] = 0.0  # a perfectly fitted batch now and then
+    findings = [f for f in gradscope.diagnose(synth.mlp_run(loss)) if f.severity is not Severity.INFO]
+    assert findings == []
