@@ -788,6 +788,14 @@ class RunFacts:
             return math.nan  # the blow-up began in the first steps: nothing healthy to calibrate on
         if before is not None:
             pick = lg[:before]
+            pick = pick[np.isfinite(pick)]
+            # A gradient often starts growing steps before the loss or a spike shows it: a norm
+            # already 100× past the lowest before it (a spike, by GRAD_SPIKE_DECADES) was blowing
+            # up, not healthy (1e15 made the "healthy" percentile of one lr=50 run). Fewer than 3
+            # left: nothing to calibrate on.
+            pick = pick[pick <= pick.min() + GRAD_SPIKE_DECADES] if pick.size else pick
+            if pick.size < 3:
+                return math.nan
         else:
             center, scale = F.robust_center_scale(lg, min_scale=0.1)
             # Steps within 3 robust sigmas of the run's usual level; spikes and explosions are left out.

@@ -68,6 +68,18 @@ def test_clip_threshold_is_the_90th_percentile_of_the_healthy_gradient_norm() ->
     assert "max_norm=2)" in fix.action and "`rnn` (RNN) is recurrent" in fix.action
 
 
+@pytest.mark.parametrize(("healthy_steps", "proposed"), [(40, "max_norm=0.5)"), (1, "max_norm=1.0)")])
+def test_clip_threshold_leaves_out_a_gradient_already_blowing_up_before_the_row(healthy_steps: int, proposed: str) -> None:
+    """The row a rule calibrates before (the NaN, the loss's jump, the largest spike) can come
+    steps after the gradient began to climb: those steps are not healthy."""
+    n = 80
+    climb = 0.5 * 20.0 ** np.arange(1, 18)  # ×20 per step, to 1e22
+    grad = np.r_[np.linspace(0.4, 0.55, healthy_steps), climb, np.full(n - healthy_steps - climb.size, np.nan)]
+    run = synthetic_run(np.full(n, 1.0), grad_norm={"fc": grad})
+    fix = A.clip_fix(A.facts(run), before=healthy_steps + climb.size)
+    assert proposed in fix.action, fix.action
+
+
 def test_unnormalised_inputs_are_named_with_their_statistics() -> None:
     f = A.facts(synth.saturated_tanh())
     assert f.input_unnormalised
