@@ -169,6 +169,8 @@ def test_vanishing_gradients_name_the_starved_layers_and_the_sigmoids() -> None:
     assert f.evidence["decades_lost"] == pytest.approx(9 * np.log10(8), abs=0.3)
     assert f.fixes[0].kind.value == "activation"
     assert "`act0`…`act8` (9 Sigmoid)" in f.fixes[0].action
+    residual = [fix.action for fix in f.fixes if fix.kind.value == "architecture"]
+    assert residual and "between `fc0` and `head`" in residual[0]  # from the first starved layer on
     assert only(findings, "stalled_training").fixes[0].kind.value == "activation"
 
 

@@ -95,10 +95,11 @@ class VanishingGradients(Detector):
             "update_ratio_starved": F.nan_median(f.update_ratio_of(starved[0])) if starved[0] in f.update_ratio(slice(0, 0)) else float("nan"),
         }
         causes = A.likely_causes(f, step=step)
+        earliest = min(starved, key=layers.index)  # starved is ranked by deficit; the span starts in forward order
         extra = [
             Fix(
                 FixKind.ARCHITECTURE,
-                f"Add residual connections around the blocks between `{starved[-1] if len(starved) > 1 else starved[0]}` and `{reference}` "
+                f"Add residual connections around the blocks between `{earliest}` and `{reference}` "
                 "so the gradient has a short path to the early layers.",
             ),
             A.init_fix(f, "small") if np.isfinite(f.init_gain) and f.init_gain < -0.15 and not f.has_norm else None,
