@@ -153,6 +153,16 @@ def test_gradient_spike_in_a_recurrent_net_asks_for_clipping_first() -> None:
     assert only(findings, "stalled_training").fixes[0].kind.value == "gradient_clipping"
 
 
+def test_gradients_growing_with_a_loss_that_blew_up_in_a_short_run_are_an_error() -> None:
+    """Ten steps of lr=50: too short for the loss to count as stalled, but it is still up there,
+    so the gradients' growth is no 'training carried on'. The level quoted is the smoothed one."""
+    loss = np.r_[1.37, np.geomspace(50, 1e16, 9)]
+    grad = 0.6 * 30.0 ** np.arange(10)
+    f = only(gradscope.diagnose(synth.mlp_run(loss, grad=grad, lr=50.0)), "exploding_gradients")
+    assert f.severity is Severity.ERROR and "the loss blew up with it" in f.message
+    assert "(median of the last 5 steps)" in f.message
+
+
 def test_growing_gradients_with_a_learning_loss_are_at_most_info() -> None:
     run = synth.mlp_run(synth._noisy(np.geomspace(2.3, 0.05, 300), 0.05, 5), grad=np.geomspace(1e-3, 10.0, 300))
     assert [f.severity for f in gradscope.diagnose(run) if f.code == "exploding_gradients"] == [Severity.INFO]

@@ -76,7 +76,9 @@ class ExplodingGradients(Detector):
         f = A.facts(run)
         lv = loss_view(run)
         blew_up = f.loss_blew_up or lv.nonfinite_now
-        if blew_up and lv.suffers:
+        # still up at the last finite loss: not recovered, however short the run (as exploding_loss reads it)
+        still_up = bool(f.excursions) and f.excursions[-1].end >= lv.finite_rows.size - 1
+        if blew_up and (lv.suffers or still_up):
             severity = Severity.ERROR
         elif lv.suffers:
             severity = Severity.WARNING
@@ -88,7 +90,9 @@ class ExplodingGradients(Detector):
         what = (
             f"jumped to {F.format_number(value, 3)}, {F.format_number(10**size)}× its neighbours' level"
             if kind == "spike"
-            else f"grew to {F.format_number(10 ** smooth[row], 3)}, {F.format_number(10**size)}× its early level"
+            # smooth is a trailing median: its level at the step, not the step's own value
+            else f"grew to a level of {F.format_number(10 ** smooth[row], 3)} (median of the last {cfg.smooth_steps} steps), "
+            f"{F.format_number(10**size)}× its early level,"
         )
         outcome = {
             Severity.ERROR: "the loss blew up with it",
