@@ -339,3 +339,15 @@ def test_a_loss_that_converges_to_exact_zeros_is_healthy() -> None:
     loss[200:][::3] = 0.0  # a perfectly fitted batch now and then
     findings = [f for f in gradscope.diagnose(synth.mlp_run(loss)) if f.severity is not Severity.INFO]
     assert findings == []
+
+
+def test_a_divergence_first_seen_in_the_model_output_names_it_plainly() -> None:
+    n, at = 100, 60
+    loss = np.r_[np.geomspace(2.3, 1.0, 50), np.geomspace(1.0, 1e8, 10), np.full(n - at, np.nan)]
+    grad = np.r_[np.full(50, 0.5), np.geomspace(0.5, 1e6, 10), np.full(n - at, np.nan)]
+    modules = ["fc0", "act0", "fc1", "act1", "head"]
+    out = {m: np.r_[np.zeros(at), np.full(n - at, np.nan)] for m in modules}  # not sampled from step 60
+    out["(output)"] = np.r_[np.zeros(at), np.ones(n - at)]
+    run = synth.mlp_run(loss, grad={"fc0": grad, "fc1": grad, "head": grad}, output_nonfinite=out, lr=5.0)
+    f = only(gradscope.diagnose(run), "nonfinite")
+    assert "the model's output went non-finite" in f.message and "()" not in f.message, f.message

@@ -216,7 +216,15 @@ class NonFinite(Detector):
         if cause == "data":
             return f"the input batch at {where} held NaN/Inf before any layer ran{tail}"
         if cause == "divergence":
-            what = f"`{first}` ({kind}) output" if first else "the gradients"
+            what = (
+                "the model's output"
+                if first == OUTPUT_LAYER
+                else f"`{first}` ({kind}) output"
+                if first and kind
+                else f"`{first}` output"
+                if first
+                else "the gradients"
+            )
             return f"the run diverged into NaN/Inf at {where}: {what} went non-finite after the loss/gradients grew{tail}"
         if cause == "loss" and finite_outputs is None:
             return f"the loss became NaN/Inf at {where}, where no model or module output was checked: the loss computation is the likely cause{tail}"

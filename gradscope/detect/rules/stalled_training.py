@@ -33,7 +33,7 @@ class StalledTraining(Detector):
     ``max_gain_decades`` decades from its start (``max_gain_linear`` robust spreads for losses that
     can be ≤ 0), or less than ``partial_gain_decades`` while it has been
     on its plateau for ``plateau_share`` of the run or a cause is identified, or it is *flatlined* (the same on every batch to
-    ±5% after gaining under 1.5 decades: the predictions no longer depend on the input). A run that
+    ±5% after gaining under 1.5 decades, as when the predictions no longer depend on the input). A run that
     converged (a large gain, flat near its minimum) is not stalled.
     While the learning rate is still ramping up (warmup), and for ``min_steps`` steps after it
     arrived, the rule waits. ``warning`` when a cause is identified (learning rate
@@ -103,7 +103,11 @@ class StalledTraining(Detector):
         else:
             how = "has stopped improving"
         frozen = (
-            f"; it is the same on every batch (±{F.format_number(100 * (10 ** lv.recent_noise - 1))}%): the predictions no longer depend on the input"
+            # A loss that no longer varies from batch to batch: what a model whose output ignores its
+            # input gives, but also full-batch training, or a model at the floor of its loss (noisy
+            # labels, soft targets): the message says what is measured and what it may mean.
+            f"; it is the same on every batch (±{F.format_number(100 * (10 ** lv.recent_noise - 1))}%), as when the "
+            "predictions no longer depend on the input (or the batch is the whole dataset, or the loss is at its floor)"
             if lv.flatlined
             else ""
         )
