@@ -54,6 +54,17 @@ class DistributedContext:
     def keeps_rank_losses(self) -> bool:
         return self.world_size <= MAX_RANK_COLUMNS
 
+    @property
+    def connected(self) -> bool:
+        """Whether the process group still exists (a script may destroy it before the Monitor closes)."""
+        return dist.is_available() and dist.is_initialized()
+
+    def broadcast_flag(self, value: bool, device: torch.device) -> bool:
+        """Rank 0's ``value``, on every rank (one collective; every rank must call it)."""
+        flag = torch.tensor([1.0 if value else 0.0], device=device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def gather(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every rank's copy of ``tensors``, each with a leading world dimension, in one collective."""
         flat = torch.cat([t.reshape(-1).float() for t in tensors])

@@ -400,13 +400,20 @@ class Monitor:
         return self._step
 
     def close(self, *, status: str = "complete") -> None:
-        """Flush, remove every hook, and release the model. Safe to call twice."""
+        """Flush, remove every hook, and release the model. Safe to call twice.
+
+        Under torch.distributed a complete run's last steps are combined across ranks, which every
+        rank does in its own ``close()``. A run that failed (``status="failed"``: an exception, or
+        an interpreter exit without ``close()``) or whose process group is gone writes rank 0's own
+        values instead, with no collective: the other ranks may never get there, and waiting for
+        them would hang the failing process instead of letting it exit with its error.
+        """
         if self._closed:
             return
         try:
             if self._optimizer is None:
                 self._measure_update_without_optimizer()  # the last step's update happened since step()
-            self._flush(upto=self._step)
+            self._close_flush(collective=status == "complete")
             if self._detects_live:
                 self._detect_live()
         except Exception as e:
@@ -439,6 +446,16 @@ class Monitor:
             self._held_input = self._held_output = None
             self._scratch.release()
             _open_monitors.discard(self)
+
+    def _close_flush(self, *, collective: bool) -> None:
+        if self._dist is None or not collective:
+            self._flush(upto=self._step, collective=False)
+            return
+        try:
+            self._flush(upto=self._step)
+        except Exception as e:  # another rank is gone (its collective failed or timed out): write ours
+            self._flush(upto=self._step, collective=False)
+            self._internal_error("close (ranks not combined)", e)
 
     def __enter__(self) -> Monitor:
         return self
@@ -1123,7 +1140,10 @@ class Monitor:
 
     # ------------------------------------------------------------------ flush (one host copy)
 
-    def _flush(self, upto: int) -> None:
+    def _flush(self, upto: int, *, collective: bool = True) -> None:
+        """Write the steps before ``upto``. Under torch.distributed, with ``collective``, every rank
+        takes part (they all flush at the same steps); without it, or once the process group is
+        gone, rank 0 writes its own values alone (see close)."""
         n = upto - self._base
         if n <= 0:
             return
@@ -1131,13 +1151,14 @@ class Monitor:
         loss_given = ~_rows_mask(self._loss_missing, n)
         k = len(self._act_steps)
         counts = self._act_counts[:k]
+        collective = collective and self._dist is not None and self._dist.connected
         if self._dist is None:
             host = self._buf[:n].cpu().numpy().astype(np.float64)  # the one device-to-host copy
             parts = self._act_buf[:k].cpu().numpy().astype(np.float64)  # (k, watched+1, parts)
             self._fill_sampled_sentinels(host, parts, counts)
             per_rank = None
         else:
-            host, parts, counts, per_rank, loss_given = self._combine_ranks(n, k, loss_given)
+            host, parts, counts, per_rank, loss_given = self._combine_ranks(n, k, loss_given, collective=collective)
         if self._dist is None or self._dist.is_writer:
             step_columns = self._derive_step_columns(host, n, self._base, per_rank, loss_given)
             chunks = [(schema.STEP_STREAM, np.arange(self._base, upto), step_columns)]
@@ -1172,8 +1193,23 @@ class Monitor:
         self._base = upto
         self._flush_deadline = self._next_flush_deadline()
         self._time_steps()
-        if self._detects_live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host, loss_given)):
-            self._detect_live()
+        try:
+            if self._detects_live and (self._dist is None or self._dist.is_writer) and self._detection_due(upto, self._new_nonfinite(host, loss_given)):
+                self._detect_live()
+        finally:
+            if collective:
+                self._agree_on_stop()
+
+    def _agree_on_stop(self) -> None:
+        """Under torch.distributed only rank 0 runs live detection. A framework callback that stops
+        training at an error (``on_finding="stop"``) must stop every rank after the same step, or
+        the others wait forever in their next collective: rank 0's decision is sent to every rank
+        at each write, where they all meet anyway."""
+        policy = self._on_finding_callable
+        if self._dist is None or not getattr(policy, "agrees_on_stop", False):
+            return
+        stop = self._dist.broadcast_flag(getattr(policy, "stop_requested", None) is not None, self._device)
+        policy.stop_decided(stop)  # type: ignore[union-attr]
 
     def _write_step_values(self, n: int) -> None:
         """The held steps' losses, gradient norms and input/output sums into the buffer."""
@@ -1188,15 +1224,22 @@ class Monitor:
         self._held_io.write_into(self._buf[:, self._c_io : self._c_watched])
 
     def _combine_ranks(
-        self, n: int, k: int, loss_given: np.ndarray
+        self, n: int, k: int, loss_given: np.ndarray, *, collective: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One all_gather of this flush's buffers, combined across ranks (see collect/distributed.py).
         ``loss_given`` says which of this rank's steps have a loss; the combined one says which
-        steps have one on any rank (their loss is the mean over the ranks that gave one)."""
+        steps have one on any rank (their loss is the mean over the ranks that gave one). Without
+        ``collective``, this rank's values alone, the other ranks' losses NaN (see close)."""
         assert self._dist is not None
         counts = torch.from_numpy(self._act_counts[:k]).to(self._device)
         given = torch.from_numpy(loss_given).to(self._device)
-        steps, acts, act_counts, given_by_rank = self._dist.gather([self._buf[:n], self._act_buf[:k], counts, given])
+        tensors = [self._buf[:n], self._act_buf[:k], counts, given]
+        if collective:
+            steps, acts, act_counts, given_by_rank = self._dist.gather(tensors)
+            ranks = np.arange(self._dist.world_size)
+        else:
+            steps, acts, act_counts, given_by_rank = (t.unsqueeze(0).float() for t in tensors)
+            ranks = np.array([self._dist.rank])
         steps_np = steps.cpu().numpy().astype(np.float64)  # (world, n, cols)
         acts_np = acts.cpu().numpy().astype(np.float64)  # (world, k, watched+1, parts)
         counts_np = act_counts.cpu().numpy().astype(np.float64)
@@ -1217,7 +1260,7 @@ class Monitor:
             # watched modules not checked on a step hold NaN placeholders, not NaN values
             outputs[:, ~self._host_modules_checked[:n], : self._n_watched] = 0.0
             bad = (~np.isfinite(losses) & given_np) | ~np.isfinite(outputs).all(axis=2).T
-            first_bad = np.where(bad.any(axis=1), bad.argmax(axis=1), np.nan)
+            first_bad = np.where(bad.any(axis=1), ranks[bad.argmax(axis=1)], np.nan)
             parts = acts_np.sum(axis=0)
             parts[..., stats.PART_MIN] = acts_np[..., stats.PART_MIN].min(axis=0)
             parts[..., stats.PART_MAX] = acts_np[..., stats.PART_MAX].max(axis=0)
@@ -1225,7 +1268,10 @@ class Monitor:
             counts_all = counts_np[0].copy()
             counts_all[..., 0] = counts_np[..., 0].sum(axis=0)
             counts_all[..., 2] = counts_np[..., 2].sum(axis=0)
-        per_rank = np.concatenate([losses if self._dist.keeps_rank_losses else np.zeros((n, 0)), first_bad[:, None]], axis=1)
+        rank_losses = np.full((n, self._dist.world_size if self._dist.keeps_rank_losses else 0), np.nan)
+        if self._dist.keeps_rank_losses:
+            rank_losses[:, ranks] = losses
+        per_rank = np.concatenate([rank_losses, first_bad[:, None]], axis=1)
         return host, parts, counts_all, per_rank, givers > 0
 
     def _derive_step_columns(

@@ -54,8 +54,25 @@ class FindingPolicy:
                     f"expected on_finding to be 'warn', 'raise', 'stop', a callable or None but got {on_finding!r}"
                 ) from None
         self.stop_requested: Finding | None = None
+        self.stopped_with_rank0 = False  # under torch.distributed: rank 0 found the error (see stop_decided)
         self.seen: list[Finding] = []
         self.listeners: list[Callable[[Finding], None]] = []
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether the framework should end training now (``on_finding="stop"`` and an error)."""
+        return self.stop_requested is not None or self.stopped_with_rank0
+
+    @property
+    def agrees_on_stop(self) -> bool:
+        """Whether the Monitor must share rank 0's stop decision with every rank at each write."""
+        return self.action is LiveAction.STOP
+
+    def stop_decided(self, stop: bool) -> None:
+        """Rank 0's stop decision, received by every rank at a write: only rank 0 runs live
+        detection, and every rank must stop after the same step."""
+        if stop and self.stop_requested is None:
+            self.stopped_with_rank0 = True
 
     @property
     def live(self) -> bool:

@@ -157,7 +157,7 @@ class GradscopeCallback(CallbackResults, Callback):
         except BaseException as e:
             self._close("failed", e)  # on_finding="raise": the run is complete up to the failure
             raise
-        if self._policy is not None and self._policy.stop_requested is not None:
+        if self._policy is not None and self._policy.should_stop:
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

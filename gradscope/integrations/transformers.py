@@ -149,7 +149,7 @@ class GradscopeCallback(CallbackResults, TrainerCallback):
         except BaseException:
             self._close("failed")  # on_finding="raise": the run is complete up to the failure
             raise
-        if self._policy is not None and self._policy.stop_requested is not None:
+        if self._policy is not None and self._policy.should_stop:
             control.should_training_stop = True
         return control
 

@@ -269,6 +269,7 @@ def _as_two_ranks_seeing_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
         return finished  # stands in for the finished collective: only its wait() is called
 
     monkeypatch.setattr(distributed.DistributedContext, "detect", classmethod(lambda cls: cls(rank=0, world_size=2)))
+    monkeypatch.setattr(distributed.DistributedContext, "connected", property(lambda self: True))
     monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
 
 
