@@ -1,7 +1,8 @@
 """The ``gradscope`` command: ``check`` a run like a linter, write its HTML ``report``, run the ``demo``.
 
 Exit status of ``gradscope check``: 0 when no finding reaches ``--fail-on``, 1 when one does, 2 for
-a usage error, a run that cannot be read, or a run holding no step (with a one-line reason on stderr).
+a usage error, a run that cannot be read, a run holding no step, or a ``--select``/``--ignore`` that
+leaves no detector to run (with a one-line reason on stderr).
 """
 
 from __future__ import annotations
@@ -11,18 +12,20 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from gradscope._version import __version__
 from gradscope.errors import GradscopeError
 
-__all__ = ["main"]
+__all__ = ["OneLineParser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 _DESCRIPTION = "Find out why a PyTorch training run is failing."
-_EPILOG = """exit status of check: 0 no finding at or above --fail-on, 1 at least one, 2 usage error, unreadable run or run without steps.
+_EPILOG = """exit status of check: 0 no finding at or above --fail-on, 1 at least one, 2 usage error, unreadable run, run without steps
+or no detector left by --select/--ignore.
 examples:
   gradscope check runs/exp1
   gradscope check runs/exp1 --fail-on error --format github
@@ -30,14 +33,27 @@ examples:
   gradscope demo"""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, ``PROG: error: MESSAGE``, and exit status 2.
+
+    ``--help`` still prints the full help. Every parser of the ``gradscope`` commands is one of these.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        # argparse prints its usage block first; CI logs and scripts read stderr as one line per error,
+        # and the usage is one `--help` away.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from gradscope.checks import OutputFormat
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="gradscope", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"gradscope {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # add_subparsers would default to type(parser) too; spelled out so that a change above cannot lose it.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
 
     check = commands.add_parser(
         "check",
@@ -114,12 +130,21 @@ def _fail(message: str) -> int:
 
 
 def _selection(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
-    from gradscope.checks import parse_codes
+    from gradscope.checks import checked_codes, parse_codes
+    from gradscope.detect.registry import check_codes
     from gradscope.errors import InvalidInputError
 
     select, ignore = parse_codes(args.select), parse_codes(args.ignore)
     if select == []:
         raise InvalidInputError("expected detector codes after --select but got none; omit --select to run every detector")
+    check_codes(select, ignore)  # an unknown code first: a typo, not an empty selection, is the likelier mistake
+    if not checked_codes(select, ignore):
+        # Running no detector finds nothing, which would print "passed": a check that checked nothing.
+        given = ([f"--select {','.join(select)}"] if select is not None else []) + [f"--ignore {','.join(ignore or ())}"]
+        raise InvalidInputError(
+            f"expected --select/--ignore to leave at least one detector to run but they leave none ({', '.join(given)}); "
+            "select more codes or ignore fewer"
+        )
     return select, ignore
 
 

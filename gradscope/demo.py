@@ -8,7 +8,6 @@ HTML report into an output folder.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -111,7 +110,9 @@ def _progress_bar(stream: TextIO, name: str, done: int, total: int, width: int =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradscope demo", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    from gradscope.cli import OneLineParser  # usage errors in one line, as every gradscope command
+
+    parser = OneLineParser(prog="gradscope demo", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("-o", "--out", type=Path, default=Path("gradscope-demo"), help="output folder (default: ./gradscope-demo)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per configuration (default: 400)")
     parser.add_argument("--seed", type=int, default=0)

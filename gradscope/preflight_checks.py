@@ -28,14 +28,15 @@ The checks, in the order they run (their codes):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1051,10 +1052,16 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     ``TARGET`` is ``path/to/file.py:function`` or ``package.module:function``; the function takes no
     argument and returns the keyword arguments of :func:`preflight` as a dict (at least ``model``,
     ``loss_fn`` and ``batch``). Exit status: 0 when no finding reaches ``--fail-on``, 1 when one does,
-    2 when the target cannot be loaded or is not usable.
+    2 when the target cannot be loaded or is not usable (its file does not compile, importing it or
+    calling the function raises, the function is missing or returns something else), for bad options,
+    and for a ``--select``/``--ignore`` that leaves no check to run; with a one-line reason on stderr.
+    An exception raised by the model's forward or the loss while the checks run is not caught: its
+    traceback points at the line to fix.
     """
+    from gradscope.cli import OneLineParser  # imported here: the command line sits downstream of the checks
+
     out = stream if stream is not None else sys.stdout
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="gradscope preflight",
         description="Check a model, its loss and a batch before training: the data, the initial loss, gradients, "
         "batch independence, overfitting a few examples.",
@@ -1066,13 +1073,15 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     parser.add_argument("--ignore", action="append", metavar="CODES", help="skip these checks (comma-separated, repeatable)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        select, ignore = _codes(args.select), _codes(args.ignore)
+        if select == []:
+            raise InvalidInputError("expected check codes after --select but got none; omit --select to run every check")
         kwargs = _load_target(args.target)
-        select = _codes(args.select)
         if select is not None:
             kwargs["select"] = select
-        ignore = _codes(args.ignore)
         if ignore is not None:
             kwargs["ignore"] = ignore
+        _require_a_check(kwargs.get("select"), kwargs.get("ignore"))
         result = preflight(**kwargs)
     except GradscopeError as e:
         print(f"gradscope: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -1090,31 +1099,100 @@ def _codes(values: list[str] | None) -> list[str] | None:
     return [code.strip() for value in values for code in value.split(",") if code.strip()]
 
 
+def _require_a_check(select: Iterable[str] | None, ignore: Iterable[str] | None) -> None:
+    # Running no check finds nothing, which would print "preflight passed: 0 checks" and exit 0.
+    if not _choose(select, ignore):
+        # select may come from the target's dict rather than --select, so the codes are named without the flag.
+        given = ([f"select {','.join(select)}"] if select is not None else []) + [f"ignore {','.join(ignore or ())}"]
+        raise InvalidInputError(
+            f"expected --select/--ignore to leave at least one preflight check to run but they leave none "
+            f"({', '.join(given)}); select more codes or ignore fewer"
+        )
+
+
+# What loading the user's file may raise: any Exception, and SystemExit too, since a script that calls
+# sys.exit() (an argparse at module level reading gradscope's own arguments) must not end gradscope with its status.
+_LOAD_ERRORS = (Exception, SystemExit)
+
+
 def _load_target(target: str) -> dict[str, Any]:
     where, sep, name = target.rpartition(":")
     if not sep or not where or not name:
         raise InvalidInputError(f"expected TARGET as file.py:function or module:function but got {target!r}")
-    if where.endswith(".py") or os.sep in where:
+    from_file = where.endswith(".py") or os.sep in where
+    source: str | None = None  # the target's file, to point at the line that failed
+    if from_file:
         path = Path(where)
         if not path.is_file():
             raise InvalidInputError(f"expected a Python file but {str(path)!r} does not exist")
         spec = importlib.util.spec_from_file_location(f"_gradscope_preflight_{path.stem}", path)
         if spec is None or spec.loader is None:
             raise InvalidInputError(f"expected a Python file but cannot load {str(path)!r}")
+        source = str(path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except _LOAD_ERRORS as e:
+            raise InvalidInputError(f"could not load {target}: {_describe(e, source, name_source=not from_file)}") from e
     else:
         try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as e:
             raise InvalidInputError(f"expected an importable module but cannot import {where!r}: {e}") from None
-    factory = getattr(module, name, None)
+        except _LOAD_ERRORS as e:
+            raise InvalidInputError(f"could not load {target}: {_describe(e, None, name_source=not from_file)}") from e
+        source = getattr(module, "__file__", None)
+    if not hasattr(module, name):
+        raise InvalidInputError(f"expected a function {name!r} in {where!r} but {where!r} defines no {name!r}")
+    factory = getattr(module, name)
     if not callable(factory):
         raise InvalidInputError(f"expected a function {name!r} in {where!r} but found {type(factory).__name__}")
-    kwargs = factory()
+    try:
+        kwargs = factory()
+    except _LOAD_ERRORS as e:
+        raise InvalidInputError(f"could not load {target}: {_describe(e, source, name_source=not from_file)}") from e
     if not isinstance(kwargs, Mapping) or not {"model", "loss_fn", "batch"} <= set(kwargs):
         raise InvalidInputError(
             f"expected {name}() to return a dict with model, loss_fn and batch (preflight's arguments) but got "
             f"{type(kwargs).__name__}"
         )
+    accepted = inspect.signature(preflight).parameters
+    unknown = sorted(str(key) for key in kwargs if key not in accepted)
+    if unknown:
+        # Caught here rather than as preflight()'s TypeError, which would read as a crash of gradscope.
+        raise InvalidInputError(
+            f"expected {name}() to return preflight's keyword arguments ({', '.join(accepted)}) but got "
+            f"{', '.join(unknown)}; remove {'them' if len(unknown) > 1 else 'it'} from the dict"
+        )
     return dict(kwargs)
+
+
+def _describe(error: BaseException, source: str | None, *, name_source: bool) -> str:
+    """``SyntaxError: invalid syntax (line 3)``: the error, and the line of the target's file it came from.
+
+    ``source`` is that file (``None``: the module whose import failed, found in the traceback); its last
+    line in the traceback is the user's line behind a failure deep in a library. ``name_source`` adds
+    the file's name, for a target given as a module; a syntax error in another file is always named.
+    """
+    if isinstance(error, SystemExit):
+        text = f"it called sys.exit({error.code!r})"
+    else:
+        message = error.msg if isinstance(error, SyntaxError) else str(error)
+        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if isinstance(error, SyntaxError) and error.filename and error.lineno:
+        file, line = error.filename, error.lineno
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        if source is None:
+            source = next((f.filename for f in frames if f.name == "<module>"), None)
+        own = [f for f in frames if _same_file(f.filename, source)]
+        if not own or own[-1].lineno is None:
+            return text
+        file, line = own[-1].filename, own[-1].lineno
+    if name_source or not _same_file(file, source):
+        return f"{text} ({Path(file).name}, line {line})"
+    return f"{text} (line {line})"
+
+
+def _same_file(file: str, source: str | None) -> bool:
+    return source is not None and os.path.abspath(file) == os.path.abspath(source)

@@ -393,6 +393,94 @@ def test_the_command_line_runs_a_target_and_exits_by_its_verdict(tmp_path: Path,
     assert main([f"{tmp_path / 'missing.py'}:healthy"]) == 2
 
 
+# A target that cannot be loaded is bad input (exit 2, one line), never "findings" (exit 1) with a traceback.
+_BROKEN_TARGETS = {
+    "syntax": ("import torch\n\ndef make(:\n    pass\n", "make", "SyntaxError: invalid syntax (line 3)"),
+    "raises": ("def make():\n    batch = None\n    return {'batch': 1 / 0}\n", "make", "ZeroDivisionError: division by zero (line 3)"),
+    "import": ("import no_such_dependency_of_the_target\n", "make", "ModuleNotFoundError: No module named 'no_such_dependency_of_the_target' (line 1)"),
+    "exits": ("import sys\nsys.exit(3)\n", "make", "it called sys.exit(3) (line 2)"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_BROKEN_TARGETS))
+def test_a_target_that_cannot_be_loaded_exits_2_with_one_line(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, function, error = _BROKEN_TARGETS[kind]
+    monkeypatch.chdir(tmp_path)
+    Path("pf_target.py").write_text(source)
+    assert main([f"pf_target.py:{function}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"gradscope: error: could not load pf_target.py:{function}: {error}\n"
+
+
+def test_a_module_target_that_raises_on_import_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "pf_broken_module.py").write_text("x = 1\nraise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["pf_broken_module:make"]) == 2
+    expected = "gradscope: error: could not load pf_broken_module:make: RuntimeError: no GPU here (pf_broken_module.py, line 2)\n"
+    assert capsys.readouterr().err == expected
+
+
+@pytest.mark.parametrize(
+    ("function", "error"),
+    [
+        ("missing", "expected a function 'missing' in '{file}' but '{file}' defines no 'missing'"),
+        ("extra_key", "expected extra_key() to return preflight's keyword arguments (model, loss_fn, batch, n_classes, "
+         "overfit_steps, overfit_examples, overfit_lr, overfit_target, select, ignore, seed) but got lr; remove it from the dict"),
+    ],
+)
+def test_a_target_that_is_not_usable_exits_2_with_one_line(
+    function: str, error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "checks.py"
+    target.write_text(_TARGET + "\ndef extra_key():\n    return {**healthy(), 'lr': 0.1}\n")
+    assert main([f"{target}:{function}"]) == 2
+    assert capsys.readouterr().err == f"gradscope: error: {error.format(file=target)}\n"
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (["--select", "label_range", "--ignore", "label_range"], "to leave at least one preflight check to run but they leave none (select label_range, ignore label_range)"),
+        (["--ignore", ",".join(CHECKS)], "to leave at least one preflight check to run but they leave none (ignore "),
+        (["--select", " , "], "expected check codes after --select but got none"),
+    ],
+)
+def test_a_selection_that_leaves_no_check_is_refused_not_passed(
+    options: list[str], error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "checks.py"
+    target.write_text(_TARGET)
+    assert main([f"{target}:healthy", *options]) == 2
+    out, err = capsys.readouterr()
+    assert "preflight passed: 0 checks" not in out
+    assert err.count("\n") == 1 and err.startswith("gradscope: error: expected ") and error in err
+
+
+def test_a_usage_error_is_one_line_and_help_is_full(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["checks.py:make", "--format", "xml"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradscope preflight: error: argument --format: invalid choice: 'xml'") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: gradscope preflight [-h]")
+
+
+def test_an_error_of_the_model_while_the_checks_run_keeps_its_traceback(tmp_path: Path) -> None:
+    # Documented: preflight() raises what the model's forward raises, unchanged; its traceback shows the line to fix.
+    target = tmp_path / "checks.py"
+    target.write_text(_TARGET + "\ndef wrong_width():\n    return {**healthy(), 'model': nn.Linear(65, 10)}\n")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main([f"{target}:wrong_width"])
+
+
 def test_the_pytest_example_passes_on_the_model_and_catches_its_bug() -> None:
     spec = importlib.util.spec_from_file_location("example_test_preflight", Path(__file__).parents[1] / "examples" / "test_preflight_example.py")
     assert spec is not None and spec.loader is not None

@@ -198,7 +198,8 @@ def test_github_title_escapes_property_characters(write_run: Callable[..., str],
 
 def test_ignore_skips_a_detector(write_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
     run = write_run()
-    status, out, _ = run_cli(capsys, "check", run, "--select", FAKE_CODE, "--ignore", FAKE_CODE)
+    # nonfinite stays selected (and finds nothing in this finite run): ignoring fake_problem drops its three findings.
+    status, out, _ = run_cli(capsys, "check", run, "--select", f"{FAKE_CODE},nonfinite", "--ignore", FAKE_CODE)
     assert status == 0
     assert "no findings" in out
 
@@ -258,21 +259,79 @@ def test_empty_select(write_run: Callable[..., str], capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "options",
     [
-        [],
-        ["check"],
-        ["check", "run", "--fail-on", "fatal"],
-        ["check", "run", "--format", "xml"],
-        ["frobnicate"],
+        ["--select", FAKE_CODE, "--ignore", FAKE_CODE],
+        ["--select", FAKE_CODE, "--ignore", FAKE_CODE, "--format", "junit"],  # was a JUnit report of tests="0"
+        ["--select", f"{FAKE_CODE},nonfinite", "--ignore", "nonfinite", "--ignore", FAKE_CODE],
     ],
 )
-def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_selection_that_leaves_no_detector_is_refused_not_passed(
+    options: list[str], write_run: Callable[..., str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_one_line_error(capsys, ["check", write_run([]), *options], contains="to leave at least one detector to run")
+
+
+def test_ignoring_every_detector_is_refused(write_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    from gradscope.detect.registry import registered_detectors
+
+    every = ",".join(registered_detectors())
+    assert_one_line_error(capsys, ["check", write_run([]), "--ignore", every], contains="they leave none (--ignore ")
+
+
+def test_report_with_a_selection_that_leaves_no_detector(write_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["report", write_run([]), "--select", FAKE_CODE, "--ignore", FAKE_CODE]
+    assert_one_line_error(capsys, argv, contains=f"they leave none (--select {FAKE_CODE}, --ignore {FAKE_CODE})")
+    assert not Path("report.html").exists()
+
+
+def test_an_unknown_code_is_named_before_an_empty_selection(write_run: Callable[..., str], capsys: pytest.CaptureFixture[str]) -> None:
+    # select=[typo] leaves no known detector either; the typo is what the user has to fix.
+    assert_one_line_error(capsys, ["check", write_run([]), "--select", "nonfinte"], contains="but got nonfinte")
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        ([], "gradscope: error: the following arguments are required: COMMAND"),
+        (["check"], "gradscope check: error: the following arguments are required: RUN"),
+        (["report"], "gradscope report: error: the following arguments are required: RUN"),
+        (["check", "run", "--fail-on", "fatal"], "gradscope check: error: argument --fail-on: invalid choice: 'fatal' (choose from "),
+        (["check", "run", "--format", "xml"], "gradscope check: error: argument --format: invalid choice: 'xml' (choose from "),
+        (["check", "run", "--no-such-option"], "gradscope: error: unrecognized arguments: --no-such-option"),
+        (["frobnicate"], "gradscope: error: argument COMMAND: invalid choice: 'frobnicate' (choose from "),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv: list[str], line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # docs/cli.md: a usage error prints one line on stderr, like every other exit-2 error; no usage block.
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage: gradscope" in err and "Traceback" not in err
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith(line), err
+    assert "usage:" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "option_help"),
+    [
+        (["--help"], "usage: gradscope [-h] [--version] COMMAND", "diagnose a run and print its findings like a linter"),
+        (["check", "--help"], "usage: gradscope check [-h]", "exit with status 1 when a finding is at or above this severity"),
+        (["report", "-h"], "usage: gradscope report [-h]", "HTML file to write (default: report.html)"),
+    ],
+)
+def test_help_still_prints_the_full_usage(
+    argv: list[str], usage: str, option_help: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith(usage)
+    assert option_help in " ".join(out.split())  # help text is wrapped to the terminal width
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,11 +35,15 @@ def console_script() -> list[str]:
 
 
 # Each process pays for importing torch (~2 s), so they all start at once and the tests read their results.
-# The other exit-2 cases (corrupt run, unknown code, usage errors) are covered in-process by test_check_command.
+# The other exit-2 cases (corrupt run, unknown code, usage errors) are covered in-process by test_check_command
+# and test_preflight; these are the ones CI would misread if the process itself exited otherwise.
 COMMANDS = {
     "problems": command("check", "run", "--select", FAKE_CODE, fake=True),
     "missing": command("check", "missing", "--fail-on", "error"),
     "version": [*console_script(), "--version"],
+    "usage": command("check", "run", "--format", "xml"),
+    "no_detector": command("check", "run", "--select", "nonfinite", "--ignore", "nonfinite", "--format", "junit"),
+    "broken_preflight_target": command("preflight", "pf_syntax.py:make"),
 }
 
 
@@ -47,6 +51,7 @@ COMMANDS = {
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
     root = tmp_path_factory.mktemp("runs")
     save_run(make_run(sample_findings()), root / "run")
+    (root / "pf_syntax.py").write_text("import torch\n\ndef make(:\n    pass\n")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = {
         name: subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,3 +84,22 @@ def test_version(results: dict[str, subprocess.CompletedProcess[str]]) -> None:
     result = results["version"]
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"gradscope {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("usage", "gradscope check: error: argument --format: invalid choice: 'xml' (choose from "),
+        ("no_detector", "gradscope: error: expected --select/--ignore to leave at least one detector to run but they leave none"),
+        ("broken_preflight_target", "gradscope: error: could not load pf_syntax.py:make: SyntaxError: invalid syntax (line 3)"),
+    ],
+)
+def test_refused_input_exits_2_with_one_line_not_1_with_a_traceback(
+    name: str, line: str, results: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    # Exit 1 means "findings at or above --fail-on": a broken script or an empty selection must not read as one.
+    result = results[name]
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(line), result.stderr
