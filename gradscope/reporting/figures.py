@@ -111,12 +111,34 @@ def _wants_log(values: np.ndarray) -> bool:
     return bool(math.log10(finite.max() / finite.min()) > LOG_AXIS_DECADES)
 
 
+def _loss_given(run: Run) -> np.ndarray:
+    """``(n_steps,)`` bool: the steps whose ``Monitor.step()`` was given a loss.
+
+    The others hold a NaN placeholder that is no NaN loss (``loss_missing``). Runs from before that
+    column count every step as given unless their loss is NaN throughout with no ``loss_given`` in
+    their metadata: never given, as the detectors read them (``LossView.recorded``).
+    """
+    if "loss_missing" in run.metrics:
+        given: np.ndarray = ~(run.scalar("loss_missing") > 0)
+        return given
+    never = not run.meta.get("loss_given") and bool(np.isnan(run.loss).all())
+    return np.full(run.n_steps, not never)
+
+
 def training_curves(run: Run, findings: Sequence[Finding]) -> FigureSpec | None:
-    """Loss, learning rate and global gradient norm over steps, sharing one zoomable step axis."""
+    """Loss, learning rate and global gradient norm over steps, sharing one zoomable step axis.
+
+    The loss line joins the steps that were given a loss: the others are no value, neither a point nor
+    a NaN/Inf mark (a loop passing its loss every tenth step still gets a line); a run never given one
+    has no loss row.
+    """
     if run.n_steps == 0:
         return None
     steps = run.steps
-    series: list[tuple[str, np.ndarray]] = [("loss", run.loss)]
+    given = _loss_given(run)
+    series: list[tuple[str, np.ndarray]] = []
+    if given.any():
+        series.append(("loss", run.loss))
     if np.isfinite(run.lr).any():
         series.append(("learning rate", run.lr))
     series.append(("global gradient norm", run.grad_norm))
@@ -125,8 +147,13 @@ def training_curves(run: Run, findings: Sequence[Finding]) -> FigureSpec | None:
         rows=len(series), cols=1, shared_xaxes=True, vertical_spacing=0.05, subplot_titles=[name for name, _ in series]
     )
     downsampled = run.n_steps > MAX_LINE_POINTS
+    everywhere = np.ones(run.n_steps, dtype=bool)
+    findings_row = 1 if given.any() else len(series)  # findings sit on the loss curve; without one, on the gradient norm
     for row, (name, values) in enumerate(series, start=1):
-        x, y = envelope(steps, values, MAX_LINE_POINTS)
+        # A step given no loss holds a NaN placeholder, no NaN loss: it is left out of the line and
+        # unmarked (a gap at each would leave a loss given every tenth step as invisible, isolated points).
+        drawn = given if name == "loss" else everywhere
+        x, y = envelope(steps[drawn], values[drawn], MAX_LINE_POINTS)
         fig.add_trace(
             go.Scatter(
                 x=x,
@@ -142,7 +169,7 @@ def training_curves(run: Run, findings: Sequence[Finding]) -> FigureSpec | None:
         )
         finite = _finite(values)
         top = float(finite.max()) if len(finite) else 1.0  # where NaN/Inf marks sit: the top of the drawn range
-        marks = nonfinite_marks(steps, values, MAX_LINE_POINTS // 2)
+        marks = nonfinite_marks(steps[drawn], values[drawn], MAX_LINE_POINTS // 2)
         if len(marks):
             fig.add_trace(
                 go.Scatter(
@@ -164,23 +191,31 @@ def training_curves(run: Run, findings: Sequence[Finding]) -> FigureSpec | None:
         elif len(finite) and finite.min() == finite.max() > 0:
             # A constant (e.g. a fixed learning rate): autorange would centre it in a ±50% band below zero.
             fig.update_yaxes(range=[0, 2 * float(finite.max())], row=row, col=1)
-        if name == "loss":
-            _mark_findings(fig, run, findings, top)
+        if row == findings_row:
+            _mark_findings(fig, steps, values, findings, top, row)
 
     fig.update_xaxes(title_text="step", row=len(series), col=1)
     fig.update_layout(height=220 * len(series) + 60, margin={"l": 70, "r": 30, "t": 40, "b": 50}, hovermode="closest")
-    caption = "Loss, learning rate and global gradient norm; drag to zoom (the three share the step axis). "
+    names = [name for name, _ in series]
+    caption = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names).capitalize()
+    caption += "; drag to zoom (the plots share the step axis). " if len(names) > 1 else "; drag to zoom. "
     if downsampled:
         caption += (
             f"{run.n_steps:,} steps are drawn as the minimum and maximum of each of {MAX_LINE_POINTS // 2:,} buckets, "
             "so single-step spikes stay visible. "
         )
+    if not given.any():
+        caption += "No loss curve: monitor.step() was never given a loss. "
+    elif not given.all():
+        caption += f"The loss line joins the {int(given.sum()):,} of {run.n_steps:,} steps whose monitor.step() was given a loss. "
     caption += "Magenta crosses: NaN/Inf values (not drawable). Dotted lines: the steps of findings."
     return FigureSpec("gs-curves", "Training curves", "time", fig, caption=caption)
 
 
-def _mark_findings(fig: go.Figure, run: Run, findings: Sequence[Finding], top: float) -> None:
-    loss, steps = run.loss, run.steps
+def _mark_findings(
+    fig: go.Figure, steps: np.ndarray, values: np.ndarray, findings: Sequence[Finding], top: float, row: int
+) -> None:
+    """Dotted lines across the plots at the findings' steps, and a marker per finding on ``values`` (plot ``row``)."""
     xs: list[int] = []
     ys: list[float] = []
     texts: list[str] = []
@@ -201,7 +236,7 @@ def _mark_findings(fig: go.Figure, run: Run, findings: Sequence[Finding], top: f
             opacity=0.7,
         )
         at = int(np.searchsorted(steps, f.step))
-        value = loss[at] if at < len(loss) and steps[at] == f.step else np.nan
+        value = values[at] if at < len(values) and steps[at] == f.step else np.nan
         xs.append(f.step)
         ys.append(float(value) if np.isfinite(value) else top)
         texts.append(f"<b>{plotly_text(f.code)}</b> ({f.severity.value}) at step {f.step}<br>{plotly_text(_clip(f.message, 160))}")
@@ -219,7 +254,7 @@ def _mark_findings(fig: go.Figure, run: Run, findings: Sequence[Finding], top: f
             hoverinfo="text",
             showlegend=False,
         ),
-        row=1,
+        row=row,
         col=1,
     )
 

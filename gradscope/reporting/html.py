@@ -381,8 +381,12 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 0
 .sev-error.pill, .badge.sev-error { background: var(--error); }
 .sev-warning.pill, .badge.sev-warning { background: var(--warning); }
 .sev-info.pill, .badge.sev-info { background: var(--info); }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 12px; }
+/* min(): a screen narrower than one card (or metadata block) gets one as wide as the screen, not a page that scrolls sideways. */
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(380px, 100%), 1fr)); gap: 12px; }
 .card { background: #fff; border: 1px solid #ddd; border-left: 6px solid; border-radius: 6px; padding: 10px 14px; cursor: pointer; }
+/* Fixes quote whole calls (clip_grad_norm_(model.parameters(),max_norm=0.5)) and messages name long layers, paths
+   and evidence keys with no space to break at: they wrap anywhere rather than run out of the card. */
+.card, .card code { overflow-wrap: anywhere; }
 .card.sev-error { border-left-color: var(--error); } .card.sev-warning { border-left-color: var(--warning); } .card.sev-info { border-left-color: var(--info); }
 .card:hover, .card:focus { box-shadow: 0 2px 8px rgba(0,0,0,.15); outline: none; }
 .card.selected { box-shadow: 0 0 0 3px #90caf9; }
@@ -399,7 +403,7 @@ table { border-collapse: collapse; }
 .fixes .kind { display: inline-block; background: #eceff1; border-radius: 4px; padding: 0 6px; font-size: 12px; font-family: ui-monospace, monospace; margin-right: 4px; }
 .plot { background: #fff; border: 1px solid #e0e0e0; border-radius: 8px; padding: 4px 14px 10px; margin-top: 16px; }
 .gs-plot { width: 100%; }
-.meta-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 12px; }
+.meta-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(380px, 100%), 1fr)); gap: 12px; }
 .meta-block { background: #fff; border: 1px solid #e0e0e0; border-radius: 8px; padding: 10px 14px; }
 .meta-block.wide { grid-column: 1 / -1; }
 .meta-block p { margin: 2px 0 6px; }

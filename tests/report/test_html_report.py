@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import math
+import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import plotly.offline
 import pytest
+import torch
+import torch.nn.functional as F
 from report_support import (
     LAYERS,
     N_STEPS,
@@ -23,11 +28,15 @@ from report_support import (
     sample_run,
     strip_timestamp,
 )
+from torch import nn
 
+import gradscope
+from gradscope.cli import main
 from gradscope.errors import InvalidInputError, RunNotFoundError
-from gradscope.findings import Finding
+from gradscope.findings import Finding, Fix
 from gradscope.reporting import render_html, report
-from gradscope.testing import synthetic_run
+from gradscope.store.run import Run
+from gradscope.testing import save_run, synthetic_run
 
 WHEN = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 
@@ -95,6 +104,21 @@ def test_cards_show_code_severity_steps_layers_evidence_and_ranked_fixes(page: s
     assert "steps 0–599" in page and "whole run" in page
 
 
+def test_long_fix_text_wraps_inside_its_card() -> None:
+    """Fixes quote whole calls with no space to break at; the page lets them wrap inside the card
+    (the browser test checks that nothing overflows a card once drawn)."""
+    long_fix = "`torch.nn.utils.clip_grad_norm_(model.parameters(),max_norm=0.5)`"
+    page = render_html(sample_run(), [Finding("exploding_gradients", "error", 3, fixes=(Fix("gradient_clipping", long_fix),))])
+    assert f"{long_fix}</li>" in page  # the whole text is in the card: only the styling can cut it
+    style = re.search(r"<style>(.*?)</style>", page, re.S)
+    assert style is not None
+    css = re.sub(r"/\*.*?\*/", "", style.group(1), flags=re.S)
+    rules = {sel.strip(): body for sels, body in re.findall(r"([^{}]+)\{([^}]*)\}", css) for sel in sels.split(",")}
+    for selector in (".card", ".card code"):
+        assert "overflow-wrap: anywhere" in rules[selector], selector
+    assert "minmax(min(380px, 100%), 1fr)" in rules[".cards"]  # one card never wider than a narrow screen
+
+
 def test_highlight_data_points_at_steps_and_layer_rows(page: str) -> None:
     findings = page_data(page)["findings"]
     assert findings[0]["steps"] == [SPIKE_STEP, SPIKE_STEP]
@@ -130,6 +154,55 @@ def test_nonfinite_steps_are_marked_on_the_curves(page: str) -> None:
     assert isinstance(data, list)
     marks = {t["name"]: decode(t["x"]).tolist() for t in data if "NaN/Inf" in t.get("name", "")}
     assert marks == {"loss: NaN/Inf": [NAN_STEP], "global gradient norm: NaN/Inf": [NAN_STEP]}
+
+
+def monitored_run(losses: Sequence[str]) -> Run:
+    """A real Monitor run of a tiny MLP, one step per entry: ``"loss"`` passes the loss to step(),
+    ``"none"`` passes None (no loss given), ``"nan"`` passes a NaN loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with gradscope.Monitor(model, opt, on_finding=None) as mon:
+        for kind in losses:
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            mon.step({"loss": loss, "none": None, "nan": loss.detach() * float("nan")}[kind])
+            opt.step()
+        return mon.run
+
+
+def curve_traces(page: str) -> dict[str, np.ndarray]:
+    """The training-curve traces by name, each as its x values."""
+    data = figures_by_id(page)["gs-curves"]["data"]
+    assert isinstance(data, list)
+    return {t["name"]: decode(t["x"]) for t in data}
+
+
+def test_a_run_never_given_a_loss_has_no_loss_curve_and_no_nan_marks() -> None:
+    run = monitored_run(["none"] * 12)
+    assert np.isnan(run.loss).all() and run.scalar("loss_missing").all()
+    page = render_html(run, [Finding("exploding_gradients", "error", 5, message="spike")])
+    traces = curve_traces(page)
+    assert list(traces) == ["learning rate", "global gradient norm", "findings"]  # no "loss", no "loss: NaN/Inf"
+    titles = [a["text"] for a in figures_by_id(page)["gs-curves"]["layout"]["annotations"]]  # type: ignore[index]
+    assert titles == ["learning rate", "global gradient norm"]
+    assert "No loss curve: monitor.step() was never given a loss." in page
+
+
+def test_steps_given_no_loss_are_left_out_while_a_nan_loss_is_still_marked() -> None:
+    kinds = ["loss", "none", "none", "loss", "nan", "loss", "none", "loss"]
+    run = monitored_run(kinds)
+    page = render_html(run, [])
+    traces = curve_traces(page)
+    assert traces["loss: NaN/Inf"].tolist() == [kinds.index("nan")]  # the NaN loss, not the steps without one
+    given = [step for step, kind in enumerate(kinds) if kind != "none"]
+    assert traces["loss"].tolist() == given  # the line joins the given losses across the missing ones
+    data = figures_by_id(page)["gs-curves"]["data"]
+    line = decode(next(t for t in data if t["name"] == "loss")["y"])  # type: ignore[union-attr]
+    np.testing.assert_allclose(line, run.loss[given], rtol=1e-6)  # NaN (a gap) only at the NaN loss
+    assert "The loss line joins the 5 of 8 steps whose monitor.step() was given a loss." in page
 
 
 def test_training_curves_without_an_optimizer_have_no_lr_row() -> None:
@@ -248,6 +321,65 @@ def test_report_errors(tmp_path: Path) -> None:
         report(sample_run(), tmp_path, findings=[])
     with pytest.raises(RunNotFoundError, match="does not exist"):
         report(tmp_path / "missing", tmp_path / "r.html")
+
+
+@pytest.mark.parametrize("name", ["run.sqlite", "run.sqlite-wal", "run.sqlite-shm", "run.sqlite-journal", ".gradscope.lock"])
+def test_report_refuses_to_write_over_the_runs_own_files(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_run(sample_run(), tmp_path / "run")
+    database = tmp_path / "run" / "run.sqlite"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    monkeypatch.chdir(tmp_path)  # relative paths, one through "..", are compared once resolved
+    with pytest.raises(InvalidInputError, match=rf"expected a report path outside the run but got 'run/\.\./run/{re.escape(name)}'"):
+        report("run", f"run/../run/{name}", findings=[])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # nothing written, nothing created
+    assert gradscope.load(database).n_steps == N_STEPS
+
+
+def test_report_refuses_a_link_to_the_run_database(tmp_path: Path) -> None:
+    run_dir = save_run(sample_run(), tmp_path / "run")
+    database = run_dir / "run.sqlite"
+    (tmp_path / "symlink.html").symlink_to(database)
+    os.link(database, tmp_path / "hardlink.html")
+    for out in (tmp_path / "symlink.html", tmp_path / "hardlink.html"):
+        for run in (run_dir, database):  # the run given as its directory or as its file
+            with pytest.raises(InvalidInputError, match="which is the run's database"):
+                report(run, out, findings=[])
+    assert gradscope.load(run_dir).n_steps == N_STEPS
+
+
+def test_cli_report_over_the_run_database_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = save_run(sample_run(), tmp_path / "run")
+    assert main(["report", str(run_dir), "-o", str(run_dir / "run.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gradscope: error: expected a report path outside the run")
+    assert main(["check", str(run_dir), "--select", "nonfinite"]) != 2  # the run still reads
+
+
+def test_a_failed_write_keeps_the_old_report_and_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "report.html"
+    out.write_text("the previous report", encoding="utf-8")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        report(sample_run(), out, findings=[])
+    assert out.read_text(encoding="utf-8") == "the previous report"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_rewriting_a_report_keeps_its_permissions_and_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "reports" / "latest.html"
+    target.parent.mkdir()
+    target.write_text("old", encoding="utf-8")
+    target.chmod(0o640)
+    link = tmp_path / "report.html"
+    link.symlink_to(target)
+    assert report(sample_run(), link, findings=[]) == link
+    assert link.is_symlink() and "gradscope report" in target.read_text(encoding="utf-8")
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in target.parent.iterdir()) == ["latest.html"]
 
 
 def test_empty_run_renders() -> None:

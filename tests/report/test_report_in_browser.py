@@ -14,6 +14,7 @@ import pytest
 from report_browser import Browser, find_chromium
 from report_support import LAYERS, SPIKE_STEP, hostile_run, sample_findings, sample_run
 
+from gradscope.findings import Finding, Fix
 from gradscope.reporting import report
 
 CHROMIUM = find_chromium()
@@ -103,3 +104,22 @@ def test_hostile_names_render_as_text_and_run_nothing(browser: Browser, tmp_path
     card = browser.evaluate("document.querySelector('[data-finding=\"0\"] .message').textContent")
     assert card == "message </script><script>window.gsPwned=3</script>"
     assert browser.errors() == []
+
+
+def test_long_fix_text_stays_inside_its_card(browser: Browser, tmp_path: Path) -> None:
+    """A fix quoting a whole call, with no space to break at, is wider than a card: it wraps instead."""
+    long_fix = "`torch.nn.utils.clip_grad_norm_(model.parameters(),max_norm=0.5)` after loss.backward()"
+    findings = [
+        *sample_findings(),
+        Finding("exploding_gradients", "error", SPIKE_STEP, (LAYERS[-1],), "spike", {}, (Fix("gradient_clipping", long_fix),)),
+    ]
+    page = report(sample_run(), tmp_path / "long.html", findings=findings)
+    open_report(browser, page)
+    card_width = browser.evaluate("document.querySelector('.card').clientWidth")
+    assert card_width < 8 * len(long_fix)  # the test means something: the text does not fit on one line
+    overflowing = browser.evaluate(
+        "Array.from(document.querySelectorAll('.card')).filter(c => c.scrollWidth > c.clientWidth)"
+        ".map(c => c.querySelector('h3').textContent)"
+    )
+    assert overflowing == []
+    assert browser.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
