@@ -94,6 +94,7 @@ class GradscopeCallback(CallbackResults, Callback):
         self._final: Findings | None = None
         self._run: Run | None = None
         self._trainer: pl.Trainer | None = None
+        self._metadata: dict[str, Any] = {}  # the run's user metadata (see on_train_start)
         self._loss_sum: torch.Tensor | None = None  # device scalar: sum of this step's micro-batch losses
         self._loss_count = 0
 
@@ -124,9 +125,17 @@ class GradscopeCallback(CallbackResults, Callback):
         )
         self._policy = policy
         self._trainer = trainer
+        self._metadata = options["metadata"]
         self._final = None
         self._run = None
         self._loss_sum, self._loss_count = None, 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed from a checkpoint restores its global step after on_fit_start: record the
+        # step this run's step 0 stands for once it is known, so the run lines up with Lightning's logs.
+        if self.monitor is not None and self._metadata.get("global_step_at_start") != trainer.global_step:
+            self._metadata = {**self._metadata, "global_step_at_start": trainer.global_step}
+            self.monitor._set_meta({"user": self._metadata})
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self.monitor is None or not isinstance(loss, torch.Tensor) or loss.numel() != 1:

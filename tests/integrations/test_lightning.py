@@ -326,3 +326,23 @@ def test_manual_optimization_records_each_optimizer_step_with_the_losses_backpro
     # The sum of what was given to manual_backward (each loss halved): the mean of the two losses.
     np.testing.assert_allclose(run.loss, np.asarray(model.losses).reshape(3, 2).mean(axis=1), rtol=1e-5)
     np.testing.assert_allclose(run.grad_norm, ref.grad_norms, rtol=1e-4)
+
+
+def test_a_resumed_fit_records_the_global_step_its_first_row_stands_for(tmp_path: Path) -> None:
+    """Lightning restores a checkpoint's global step after on_fit_start: the run's step 0 is then
+    that step, as the metadata must say for the run to line up with Lightning's own logs."""
+    model = new_model()
+    first = fit(model, digits_loader(6), [], enable_checkpointing=True, default_root_dir=tmp_path)
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    callback = GradscopeCallback(**QUIET)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        callbacks=[callback], max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(new_model(), digits_loader(6), ckpt_path=checkpoint)
+    assert first.global_step == 6 and trainer.global_step == 12
+    run = callback.run
+    assert run.n_steps == 6
+    assert run.meta["user"]["global_step_at_start"] == 6
+    assert run.meta["user"]["framework"] == "lightning"
