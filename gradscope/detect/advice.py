@@ -1015,9 +1015,17 @@ def likely_causes(
         causes.append(Cause("init_too_large", init_fix(f, "large"), gain))
     if init_small:
         causes.append(Cause("init_too_small", init_fix(f, "small"), gain))
-    if f.rnn_modules and (blew_up or spiked):
-        before = explosion_before if explosion_before is not None else (spike_row if spiked else None)
-        causes.append(Cause("exploding_recurrence", clip_fix(f, before)))
+    # A recurrent net's gradient explodes through its recurrence: clipping is the fix under SGD,
+    # whose step grows with the gradient. An adaptive optimizer (Adam) divides the gradient by its
+    # own running scale, so clipping barely changes its steps: there the learning rate comes first
+    # (a GRU under Adam at lr=0.3, clipped at its healthy norm, still failed).
+    recurrent_blow_up = bool(f.rnn_modules and (blew_up or spiked))
+    clip_recurrence = Cause(
+        "exploding_recurrence",
+        clip_fix(f, explosion_before if explosion_before is not None else (spike_row if spiked else None)),
+    )
+    if recurrent_blow_up and not f.is_adaptive:
+        causes.append(clip_recurrence)
     if f.has_attention and not f.has_warmup and (lr_high or (np.isfinite(early_ratio) and early_ratio >= 0.03)):
         # Post-norm transformers without warmup collapse under the first large Adam steps
         # (measured: early update ratio 0.1 without warmup vs 0.001-0.01 with it).
@@ -1035,6 +1043,8 @@ def likely_causes(
         causes.append(Cause("lr_too_high", lower_lr_fix(f, step if blew_up else None, what=what), early_ratio))
         if spiked and not f.rnn_modules:
             causes.append(Cause("gradient_spike", clip_fix(f, spike_row)))
+    if recurrent_blow_up and f.is_adaptive:
+        causes.append(clip_recurrence)
     if dead:
         causes.append(Cause("dead_units", dead_relu_fix(f, list(dead)), max(dead.values())))
         if not killed:

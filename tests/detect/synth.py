@@ -264,7 +264,7 @@ def oscillating(n: int = 400, momentum: float = 0.99) -> Run:
     return run
 
 
-def exploding_rnn(n: int = 300) -> Run:
+def exploding_rnn(n: int = 300, optimizer: str = "SGD") -> Run:
     """An RNN whose first update is thrown by a 300× gradient spike into saturation: no learning after."""
     grad = np.r_[300.0, np.full(n - 1, 1.0)]
     ratio = np.r_[0.9, np.full(n - 1, 2e-3)]
@@ -274,6 +274,7 @@ def exploding_rnn(n: int = 300) -> Run:
         weight_norm={"rnn": np.full(n, 8.0), "head": np.full(n, 2.0)},
         update_norm={"rnn": 8.0 * ratio, "head": 2.0 * ratio},
         module_types={"rnn": "RNN", "head": "Linear"},
+        optimizer=optimizer,
     )
     return run
 

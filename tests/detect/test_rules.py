@@ -163,6 +163,13 @@ def test_gradients_growing_with_a_loss_that_blew_up_in_a_short_run_are_an_error(
     assert "(median of the last 5 steps)" in f.message
 
 
+def test_a_recurrent_blow_up_under_adam_asks_for_a_lower_learning_rate_before_clipping() -> None:
+    """Adam divides each gradient by its running scale: clipping barely changes its steps."""
+    f = only(gradscope.diagnose(synth.exploding_rnn(optimizer="Adam")), "exploding_gradients")
+    kinds = [fix.kind.value for fix in f.fixes]
+    assert kinds[0] == "learning_rate" and "gradient_clipping" in kinds
+
+
 def test_growing_gradients_with_a_learning_loss_are_at_most_info() -> None:
     run = synth.mlp_run(synth._noisy(np.geomspace(2.3, 0.05, 300), 0.05, 5), grad=np.geomspace(1e-3, 10.0, 300))
     assert [f.severity for f in gradscope.diagnose(run) if f.code == "exploding_gradients"] == [Severity.INFO]
