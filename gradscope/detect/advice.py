@@ -99,6 +99,10 @@ INIT_GAIN_DECADES = 0.7
 # A single step whose gradient norm is ≥ 100× its neighbours' level (healthy runs measured ≤ 1.5
 # decades, LSTMs included).
 GRAD_SPIKE_DECADES = 2.0
+# A learning rate at ≤ 1% of its peak within the first half of the run has collapsed (see
+# RunFacts.lr_collapse): step decays by 10 or 100 on epochs reach it late, cosine and linear decay
+# at the end.
+LR_COLLAPSE_FRACTION = 0.01
 
 
 def nice_number(value: float) -> str:
@@ -453,6 +457,22 @@ class RunFacts:
     def lr_max(self) -> float:
         finite = self.lr_series[np.isfinite(self.lr_series)]
         return float(finite.max()) if finite.size else self.lr_at()
+
+    @cached_property
+    def lr_collapse(self) -> tuple[int, int] | None:
+        """(row of the peak, first row at ≤ 1% of it) when the learning rate fell to a hundredth of
+        its peak within the first half of the run, else None. Schedules that decay to ~0 (cosine,
+        linear) get there at the very end; this early, it is a scheduler stepped every batch where
+        it was written for epochs, or a decay far too steep, and training stops learning with it."""
+        lr = self.lr_series
+        finite = np.flatnonzero(np.isfinite(lr))
+        if finite.size < 10 or not (lr[finite] > 0).any():
+            return None
+        peak = int(finite[np.argmax(lr[finite])])
+        low = np.flatnonzero(np.isfinite(lr) & (lr <= LR_COLLAPSE_FRACTION * lr[peak]) & (np.arange(lr.size) > peak))
+        if not low.size or low[0] >= lr.size // 2:
+            return None
+        return peak, int(low[0])
 
     @cached_property
     def has_warmup(self) -> bool:
@@ -872,6 +892,17 @@ def warmup_fix(f: RunFacts, step: int | None) -> Fix:
     )
 
 
+def lr_schedule_fix(f: RunFacts, peak: int, low: int) -> Fix:
+    steps = f.run.steps
+    return Fix(
+        FixKind.LEARNING_RATE,
+        f"The learning rate fell from {F.format_number(f.lr_series[peak])} at step {steps[peak]} to "
+        f"{F.format_number(f.lr_at())} (a hundredth of it by step {steps[low]}), in the first half of the run: check "
+        "where `scheduler.step()` is called (an epoch-based scheduler such as StepLR or ExponentialLR stepped "
+        "every batch decays that fast) and its settings (`step_size`, `gamma`, `T_max`).",
+    )
+
+
 def raise_lr_fix(f: RunFacts, update_ratio: float) -> Fix:
     lr = f.lr_at()
     if np.isfinite(lr) and lr > 0:
@@ -1087,7 +1118,11 @@ def likely_causes(
             )
         )
         causes.append(Cause("no_normalization", normalization_fix(f, "each Linear/Conv layer, before the activation"), 0.0))
-    if np.isfinite(typical_ratio) and typical_ratio < LOW_UPDATE_RATIO and not lr_high:
+    collapse = f.lr_collapse
+    if collapse is not None and not blew_up:
+        # Before "too low": the learning rate was fine and a schedule took it away.
+        causes.append(Cause("lr_schedule_collapsed", lr_schedule_fix(f, *collapse)))
+    elif np.isfinite(typical_ratio) and typical_ratio < LOW_UPDATE_RATIO and not lr_high:
         causes.append(Cause("lr_too_low", raise_lr_fix(f, typical_ratio), typical_ratio))
     if f.input_unnormalised:
         causes.append(Cause("inputs_unnormalised", data_input_fix(f), f.input_std))

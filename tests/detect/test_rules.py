@@ -358,3 +358,17 @@ def test_a_divergence_first_seen_in_the_model_output_names_it_plainly() -> None:
     run = synth.mlp_run(loss, grad={"fc0": grad, "fc1": grad, "head": grad}, output_nonfinite=out, lr=5.0)
     f = only(gradscope.diagnose(run), "nonfinite")
     assert "the model's output went non-finite" in f.message and "()" not in f.message, f.message
+
+
+@pytest.mark.parametrize(("decay", "named"), [(0.9, True), (0.995, False)], ids=["per-batch-decay", "gentle-decay"])
+def test_a_learning_rate_schedule_that_collapses_early_is_named_for_a_stall(decay: float, named: bool) -> None:
+    """ExponentialLR(0.9) stepped every batch: the lr is 1e-5 of its start after 100 steps and the
+    loss stops where it was. A gentle decay that keeps the lr above 1% of its peak is no cause."""
+    n = 300
+    lr = 0.05 * decay ** np.arange(n)
+    loss = synth._noisy(np.r_[np.geomspace(2.3, 1.9, 40), np.full(n - 40, 1.9)], 0.01, 31)
+    f = only(gradscope.diagnose(synth.mlp_run(loss, lr=lr)), "stalled_training")
+    text = " ".join(fix.action for fix in f.fixes)
+    assert ("scheduler.step()" in text) is named, text
+    if named:
+        assert f.fixes[0].kind.value == "learning_rate" and "fell from 0.05 at step 0" in f.fixes[0].action
