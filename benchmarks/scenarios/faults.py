@@ -439,3 +439,20 @@ def lstm_lr_too_low(ctx: Context, lr: float = 1e-6, steps: int = 300) -> nn.Modu
     fit(ctx, model, torch.optim.Adam(model.parameters(), lr=lr), x[:2500], y[:2500], steps=steps)
     ctx.eval = EvalSet(x[2500:], y[2500:], n_classes=4)
     return model
+
+
+@scenario(
+    label=Label(
+        "optimizer.zero_grad() is never called: every update applies the sum of all past gradients",
+        ("accumulating_gradients",),
+        ("code",),
+        0,
+    )
+)
+def no_zero_grad(ctx: Context, zero_grad: bool = False, lr: float = 0.05, steps: int = 300) -> nn.Module:
+    """The healthy ReLU MLP on the digits, SGD at lr=0.05, in a loop that never resets the gradients."""
+    x, y, xt, yt = digits_split()
+    model = _mlp(2, 128, nn.ReLU)
+    fit(ctx, model, torch.optim.SGD(model.parameters(), lr=lr), x, y, steps=steps, zero_grad=zero_grad)
+    ctx.eval = EvalSet(xt, yt, n_classes=10)
+    return model

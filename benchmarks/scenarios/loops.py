@@ -27,10 +27,12 @@ def fit(
     loss_fn: LossFn = F.cross_entropy,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     corrupt: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    zero_grad: bool = True,
 ) -> None:
     """Minibatch training: sample, forward, backward, ``session.step(loss)``, ``optimizer.step()``.
 
-    ``corrupt(step, x_batch)`` lets a fault scenario tamper with one batch on its way in.
+    ``corrupt(step, x_batch)`` lets a fault scenario tamper with one batch on its way in;
+    ``zero_grad=False`` is the loop that forgets ``optimizer.zero_grad()``.
     """
     model.train()
     with ctx.session(model, optimizer) as session:
@@ -38,7 +40,8 @@ def fit(
             xb, yb = sample_batch(ctx, x, y, batch_size)
             if corrupt is not None:
                 xb = corrupt(step, xb)
-            optimizer.zero_grad(set_to_none=True)
+            if zero_grad:
+                optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()
             session.step(loss)

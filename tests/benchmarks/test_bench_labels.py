@@ -363,6 +363,17 @@ def check_lstm_lr_too_low(runner: Runner) -> None:
     assert score(runner(lr=1e-2)) > 0.8
 
 
+def check_no_zero_grad(runner: Runner) -> None:
+    run = runner()
+    _, norms = run.probe.grad_series("0.weight")
+    # .grad holds the running sum: its norm climbs far above a single batch's, and the run fails
+    fixed = runner(zero_grad=True)
+    _, fixed_norms = fixed.probe.grad_series("0.weight")
+    assert norms[-1] > 10 * float(np.nanmax(fixed_norms)), (norms[-1], np.nanmax(fixed_norms))
+    assert score(run) < 0.5 or not all_finite(run)
+    assert score(fixed) > 0.9
+
+
 CHECKS: dict[str, Callable[[Runner], Any]] = {
     "mlp_digits": healthy(0.9),
     "cnn_digits": healthy(0.9),
@@ -397,6 +408,7 @@ CHECKS: dict[str, Callable[[Runner], Any]] = {
     "detached_branch": check_detached_branch,
     "cnn_lr_too_high": check_cnn_lr_too_high,
     "lstm_lr_too_low": check_lstm_lr_too_low,
+    "no_zero_grad": check_no_zero_grad,
 }
 
 # Fast scenarios whose checks train several counterfactual variants, a few seconds in all.

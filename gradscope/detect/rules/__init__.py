@@ -1,5 +1,6 @@
 """The built-in detectors, one module per fault class. Importing this package registers them."""
 
+from gradscope.detect.rules.accumulating_gradients import AccumulatingGradients
 from gradscope.detect.rules.dead_units import DeadUnits
 from gradscope.detect.rules.exploding_gradients import ExplodingGradients
 from gradscope.detect.rules.exploding_loss import ExplodingLoss
@@ -13,6 +14,7 @@ from gradscope.detect.rules.stalled_training import StalledTraining
 from gradscope.detect.rules.vanishing_gradients import VanishingGradients
 
 __all__ = [
+    "AccumulatingGradients",
     "DeadUnits",
     "ExplodingGradients",
     "ExplodingLoss",
