@@ -228,9 +228,11 @@ class GradscopeCallback(CallbackResults, Callback):
         }
 
 
-def _loss_scale(trainer: pl.Trainer) -> float | None:
-    """The fp16 GradScaler's current scale, or None when the loss is not scaled."""
+def _loss_scale(trainer: pl.Trainer) -> torch.Tensor | float | None:
+    """The fp16 GradScaler's current scale, or None when the loss is not scaled. Kept as the
+    scaler's own tensor: ``get_scale()`` reads it to the host, a device sync on every micro-batch."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
-        return scaler.get_scale()
+        scale = scaler._get_scale_async()
+        return scale if scale is not None else scaler.get_scale()  # None before its first scale()
     return None

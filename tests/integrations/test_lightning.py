@@ -288,10 +288,14 @@ def sys_modules() -> dict[str, Any]:
     return sys.modules
 
 
-def test_with_a_grad_scaler_the_loss_and_gradients_are_unscaled() -> None:
-    plugin = pl.plugins.MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+def test_with_a_grad_scaler_the_loss_and_gradients_are_unscaled(monkeypatch: pytest.MonkeyPatch) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    plugin = pl.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)
     model, ref, callback = new_model(), Reference(), GradscopeCallback(**QUIET)
+    reads: list[float] = []  # get_scale() copies the scale to the host: a device sync per micro-batch on a GPU
+    monkeypatch.setattr(scaler, "get_scale", lambda: reads.append(1.0) or 1024.0)
     fit(model, digits_loader(6), [ref, callback], plugins=[plugin], accumulate_grad_batches=2)
+    assert reads == []
     micro = np.asarray(model.losses)
     np.testing.assert_allclose(callback.run.loss, micro.reshape(3, 2).mean(axis=1), rtol=1e-5)  # not ×1024
     np.testing.assert_allclose(callback.run.grad_norm, ref.grad_norms, rtol=1e-4)
