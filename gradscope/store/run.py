@@ -115,17 +115,24 @@ class Run:
             conn.execute("BEGIN")
         try:
             streams: dict[str, tuple[list[tuple[str, str]], db.Chunk | _StoredStream]] = {}
-            for stream in db.read_streams(conn):
+            stream_names = db.read_streams(conn)
+            if since_step is None:
+                db.check_other_chunks(conn, stream_names)
+            for stream in stream_names:
                 columns = db.read_columns(conn, stream)
                 rows = db.read_stream_rows(conn, stream, len(columns), since_step=since_step, head_steps=head_steps)
                 if rows.nbytes <= EAGER_STREAM_BYTES:
                     streams[stream] = (columns, db.Chunk(rows.steps, db.read_stream_columns(conn, rows, range(len(columns)))))
                 else:
                     held_cols = [col for col, (layer, _) in enumerate(columns) if layer == RUN_LAYER]
-                    streams[stream] = (columns, _StoredStream(rows, held_cols, db.read_stream_columns(conn, rows, held_cols)))
+                    held = db.read_stream_columns(conn, rows, held_cols)  # reads, and checks, every chunk
+                    streams[stream] = (columns, _StoredStream(rows.checked(), held_cols, held))
             events = db.read_events(conn)
-        except (sqlite3.DatabaseError, ValueError) as e:
-            raise UnreadableRunError(f"cannot read run {where!r}: the data is corrupt ({e})") from None
+        except (sqlite3.DatabaseError, ValueError) as e:  # "database disk image is malformed", a failed checksum, …
+            raise UnreadableRunError(
+                f"cannot read run {where!r}: the data is corrupt ({e}): {db.database_file(conn)} is damaged; "
+                "restore it from a backup or record the run again"
+            ) from None
         finally:
             if own_transaction and conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):  # ending a read-only snapshot cannot lose anything
