@@ -9,8 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
+from store_runs import write_small_run
 
 import gradscope
 
@@ -18,17 +17,7 @@ import gradscope
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small complete run, closed (so its WAL is folded into run.sqlite)."""
-    log_dir = tmp_path_factory.mktemp("good") / "run"
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradscope.Monitor(model, opt, log_dir=log_dir, flush_every=4, activation_every=2, on_finding=None) as mon:
-        for _ in range(20):
-            opt.zero_grad()
-            loss = model(torch.randn(5, 4)).pow(2).mean()
-            loss.backward()
-            mon.step(loss)
-            opt.step()
+    log_dir = write_small_run(tmp_path_factory.mktemp("good") / "run")
     assert sorted(p.name for p in log_dir.iterdir()) == [".gradscope.lock", "run.sqlite"]
     return log_dir
 
