@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from gradscope.detect.registry import Findings, diagnose, registered_detectors
+from gradscope.detect.registry import Findings, check_codes, diagnose, registered_detectors
 from gradscope.errors import InvalidInputError
 from gradscope.findings import Finding, Severity, sort_findings
 from gradscope.store.run import Run, load, require_steps
@@ -96,11 +96,19 @@ def assert_healthy(
 
     Raises:
         AssertionError: with one line per failing finding and its fixes.
-        GradscopeError: the run cannot be read or holds no step, or a code or severity is unknown.
+        GradscopeError: the run cannot be read or holds no step, a code or severity is unknown, or
+            ``select``/``ignore`` leave no detector to run.
     """
     level = Severity.parse(fail_on)
+    selected, ignored = parse_codes(select), parse_codes(ignore)
+    check_codes(selected, ignored)  # an unknown code first: a typo is the likelier mistake
+    if not checked_codes(selected, ignored):
+        # Running no detector finds nothing, which would pass: a check that checked nothing.
+        raise InvalidInputError(
+            "expected select/ignore to leave at least one detector to run but they leave none; select more codes or ignore fewer"
+        )
     loaded = require_steps(load(run), "check")  # a run that measured nothing must not pass as healthy
-    findings = diagnose(loaded, select=parse_codes(select), ignore=parse_codes(ignore))
+    findings = diagnose(loaded, select=selected, ignore=ignored)
     bad = failing(findings, level)
     if bad:
         source = str(loaded.path) if loaded.path is not None else "run"

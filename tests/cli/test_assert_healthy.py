@@ -41,7 +41,14 @@ def test_info_level_fails_on_info() -> None:
 
 def test_ignore_as_comma_separated_string() -> None:
     run = make_run(sample_findings())
-    assert assert_healthy(run, select=FAKE_CODE, ignore=f"{FAKE_CODE}, ") == []
+    assert assert_healthy(run, select=f"{FAKE_CODE},nonfinite", ignore=f"{FAKE_CODE}, ") == []
+
+
+def test_a_selection_that_leaves_no_detector_is_refused_not_passed() -> None:
+    """A check that runs no detector finds nothing: it must not pass as healthy (as gradscope check)."""
+    run = make_run(sample_findings())
+    with pytest.raises(InvalidInputError, match="leave at least one detector to run but they leave none"):
+        assert_healthy(run, select=FAKE_CODE, ignore=FAKE_CODE)
 
 
 def test_bad_arguments_raise_gradscope_errors(tmp_path: object) -> None:
