@@ -99,6 +99,10 @@ INIT_GAIN_DECADES = 0.7
 # A single step whose gradient norm is ≥ 100× its neighbours' level (healthy runs measured ≤ 1.5
 # decades, LSTMs included).
 GRAD_SPIKE_DECADES = 2.0
+# Weight norms whose median over layers fell ≥ 3× over the run, with weight decay on: the decay is
+# winning (healthy runs with decay measured a median change from -0.3 to +0.05 decades, weights
+# mostly grow; wd=0.5 with SGD +8.8, wd=50 with AdamW +0.5).
+WEIGHT_SHRINK_DECADES = math.log10(3.0)
 # A learning rate at ≤ 1% of its peak within the first half of the run has collapsed (see
 # RunFacts.lr_collapse): step decays by 10 or 100 on epochs reach it late, cosine and linear decay
 # at the end.
@@ -786,6 +790,20 @@ class RunFacts:
         return list(dict.fromkeys(out))  # each once, first mention kept
 
     @cached_property
+    def weight_shrink_decades(self) -> float:
+        """How far the layers' weight norms fell over the run, in decades: the median over layers of
+        log10(first / last measured ‖θ‖). NaN when no layer was measured twice."""
+        if "weight_norm" not in self.run.metrics:
+            return math.nan
+        values, _ = self.run.metric_array("weight_norm")
+        drops = []
+        for column in np.asarray(values, dtype=np.float64).T:
+            measured = column[np.isfinite(column) & (column > 0)]
+            if measured.size >= 2:
+                drops.append(math.log10(measured[0] / measured[-1]))
+        return float(np.median(drops)) if drops else math.nan
+
+    @cached_property
     def weights_rms_per_layer(self) -> dict[str, float]:
         if "weight_norm" not in self.run.metrics:
             return {}
@@ -900,6 +918,18 @@ def lr_schedule_fix(f: RunFacts, peak: int, low: int) -> Fix:
         f"{F.format_number(f.lr_at())} (a hundredth of it by step {steps[low]}), in the first half of the run: check "
         "where `scheduler.step()` is called (an epoch-based scheduler such as StepLR or ExponentialLR stepped "
         "every batch decays that fast) and its settings (`step_size`, `gamma`, `T_max`).",
+    )
+
+
+def weight_decay_fix(f: RunFacts, shrink: float) -> Fix:
+    decoupled = "AdamW" in f.optimizer_class  # decay applied to the weights directly, scaled by lr
+    typical, proposed = ("0.01-0.1", 0.01) if decoupled else ("1e-4 to 5e-4", 5e-4)
+    lower = f" Try weight_decay={nice_number(proposed)}" if f.weight_decay > proposed else " Lower it"
+    return Fix(
+        FixKind.OPTIMIZER,
+        f"weight_decay={nice_number(f.weight_decay)} with {f.optimizer_class} shrank the weights {F.format_number(10**shrink)}× "
+        f"over the run (median over layers), faster than the gradients could hold them up.{lower} (typical: "
+        f"{typical} with {f.optimizer_class}), or leave biases and normalisation weights out of the decay.",
     )
 
 
@@ -1076,6 +1106,10 @@ def likely_causes(
             causes.append(Cause("gradient_spike", clip_fix(f, spike_row)))
     if recurrent_blow_up and f.is_adaptive:
         causes.append(clip_recurrence)
+    shrink = f.weight_shrink_decades
+    if not blew_up and f.weight_decay > 0 and np.isfinite(shrink) and shrink >= WEIGHT_SHRINK_DECADES:
+        # Before dead units and vanishing gradients, which weights decayed towards zero also give.
+        causes.append(Cause("weight_decay_too_high", weight_decay_fix(f, shrink), shrink))
     if dead:
         causes.append(Cause("dead_units", dead_relu_fix(f, list(dead)), max(dead.values())))
         if not killed:

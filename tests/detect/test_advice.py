@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import synth
 
-from gradscope import Fix
+from gradscope import Fix, Run
 from gradscope.detect import advice as A
 from gradscope.testing import synthetic_run
 
@@ -110,3 +110,30 @@ def test_ranked_fixes_keep_one_fix_per_kind_except_learning_rate_and_code() -> N
     b = Fix("activation", "y")
     lr1, lr2 = Fix("learning_rate", "p"), Fix("learning_rate", "q")
     assert A.ranked_fixes([a, lr1], [b, lr2, a]) == (a, lr1, lr2)
+
+
+def _decaying_run(shrink: float, weight_decay: float, optimizer: str = "SGD") -> Run:
+    """A stalled run whose weight norms end ``shrink``× below where they started."""
+    n = 300
+    weights = np.geomspace(5.0, 5.0 / shrink, n)
+    return synthetic_run(
+        synth._noisy(np.full(n, 2.3), 0.01, 50),
+        grad_norm={"fc0": 0.1, "head": 0.1},
+        weight_norm={"fc0": weights, "head": weights},
+        update_norm={"fc0": 5e-3, "head": 5e-3},
+        lr=0.01,
+        optimizer={"class": optimizer, "param_groups": [{"lr": 0.01, "weight_decay": weight_decay, "n_params": 2}]},
+    )
+
+
+@pytest.mark.parametrize(
+    ("shrink", "weight_decay", "optimizer", "named"),
+    [(100.0, 0.5, "SGD", True), (4.0, 50.0, "AdamW", True), (1.5, 0.5, "SGD", False), (100.0, 0.0, "SGD", False)],
+    ids=["sgd-collapse", "adamw-3x", "mild-shrink", "no-decay"],
+)
+def test_weights_shrunk_by_weight_decay_are_named(shrink: float, weight_decay: float, optimizer: str, named: bool) -> None:
+    causes = [c.name for c in A.likely_causes(A.facts(_decaying_run(shrink, weight_decay, optimizer)))]
+    assert ("weight_decay_too_high" in causes) is named, causes
+    if named:
+        fix = next(c.fix for c in A.likely_causes(A.facts(_decaying_run(shrink, weight_decay, optimizer))) if c.name == "weight_decay_too_high")
+        assert fix.kind.value == "optimizer" and ("weight_decay=0.01" if optimizer == "AdamW" else "weight_decay=0.0005") in fix.action

@@ -37,14 +37,16 @@ class StalledTraining(Detector):
     converged (a large gain, flat near its minimum) is not stalled.
     While the learning rate is still ramping up (warmup), and for ``min_steps`` steps after it
     arrived, the rule waits. ``warning`` when a cause is identified (learning rate
-    too low or too high, vanishing gradients, dead or saturated units, unnormalised inputs, parameters
-    outside the optimizer), or when nothing was learned (gain under ``no_progress_decades``) over
+    too low or too high, a learning-rate schedule that fell to 1% of its peak in the run's first
+    half, weight decay that shrank the weights ≥ 3×, vanishing gradients, dead or saturated units,
+    unnormalised inputs, parameters outside the optimizer), or when nothing was learned (gain under ``no_progress_decades``) over
     ``unexplained_steps`` flat steps; ``info`` otherwise (it may be the noise floor of a hard task).
 
     **Fixes.** Ranked from the run's evidence: raise a learning rate that moves the weights by under
     1e-4 of their norm per step (a value is proposed); lower one that killed units or blew up the loss;
     swap saturating activations or add normalisation when gradients vanish; fix the initialisation;
-    standardise inputs; add the missing parameters to the optimizer.
+    standardise inputs; add the missing parameters to the optimizer; check where the scheduler steps;
+    lower the weight decay (a value is proposed).
     """
 
     code = "stalled_training"
