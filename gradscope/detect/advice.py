@@ -921,6 +921,16 @@ def lr_schedule_fix(f: RunFacts, peak: int, low: int) -> Fix:
     )
 
 
+def softmax_output_fix(f: RunFacts) -> Fix:
+    return Fix(
+        FixKind.CODE,
+        f"The model ends in a Softmax (`{f.output_module}`). `nn.CrossEntropyLoss` / `F.cross_entropy` apply "
+        "log-softmax themselves: given probabilities, the loss treats them as logits, squashes its gradients and "
+        "stalls above its floor. Return the logits (remove the Softmax, apply it only for predictions), or use "
+        "`nn.NLLLoss` on `log_softmax`.",
+    )
+
+
 def weight_decay_fix(f: RunFacts, shrink: float) -> Fix:
     decoupled = "AdamW" in f.optimizer_class  # decay applied to the weights directly, scaled by lr
     typical, proposed = ("0.01-0.1", 0.01) if decoupled else ("1e-4 to 5e-4", 5e-4)
@@ -1070,6 +1080,11 @@ def likely_causes(
                 ),
             )
         )
+    if f.types.get(f.output_module or "") == "Softmax":
+        # The model's last module is a Softmax: with nn.CrossEntropyLoss (which applies log-softmax
+        # itself) the loss sees probabilities as logits, its gradients shrink, and it stalls above its
+        # floor. Read from the model's structure, so it comes first.
+        causes.append(Cause("softmax_before_loss", softmax_output_fix(f)))
     if f.input_unnormalised and (blew_up or saturated or dead or big_steps or spiked):
         causes.append(Cause("inputs_unnormalised", data_input_fix(f), f.input_std))
     if init_large:
