@@ -931,6 +931,19 @@ def softmax_output_fix(f: RunFacts) -> Fix:
     )
 
 
+_CLIPPING_OUTPUTS = frozenset({"ReLU", "ReLU6"})
+
+
+def relu_output_fix(f: RunFacts) -> Fix:
+    kind = f.types.get(f.output_module or "", "ReLU")
+    return Fix(
+        FixKind.CODE,
+        f"The model ends in a {kind} (`{f.output_module}`): if its outputs are logits, every negative one is cut to 0, "
+        "where no gradient passes, so the classes cannot be pulled apart. Return the last Linear's output; keep the "
+        f"{kind} only if the targets themselves are bounded that way.",
+    )
+
+
 def weight_decay_fix(f: RunFacts, shrink: float) -> Fix:
     decoupled = "AdamW" in f.optimizer_class  # decay applied to the weights directly, scaled by lr
     typical, proposed = ("0.01-0.1", 0.01) if decoupled else ("1e-4 to 5e-4", 5e-4)
@@ -1085,6 +1098,11 @@ def likely_causes(
         # itself) the loss sees probabilities as logits, its gradients shrink, and it stalls above its
         # floor. Read from the model's structure, so it comes first.
         causes.append(Cause("softmax_before_loss", softmax_output_fix(f)))
+    elif f.types.get(f.output_module or "") in _CLIPPING_OUTPUTS:
+        # A ReLU-like last module zeroes every negative output: as logits, a class can never be scored
+        # below the others by more than the positive ones allow, and the zeroed outputs pass no
+        # gradient. (A regression of non-negative targets may mean it: the fix says when it applies.)
+        causes.append(Cause("activation_on_logits", relu_output_fix(f)))
     if f.input_unnormalised and (blew_up or saturated or dead or big_steps or spiked):
         causes.append(Cause("inputs_unnormalised", data_input_fix(f), f.input_std))
     if init_large:

@@ -38,7 +38,7 @@ class StalledTraining(Detector):
     While the learning rate is still ramping up (warmup), and for ``min_steps`` steps after it
     arrived, the rule waits. ``warning`` when a cause is identified (learning rate
     too low or too high, a learning-rate schedule that fell to 1% of its peak in the run's first
-    half, weight decay that shrank the weights ≥ 3×, a model that ends in a Softmax, vanishing
+    half, weight decay that shrank the weights ≥ 3×, a model that ends in a Softmax or a ReLU, vanishing
     gradients, dead or saturated units, unnormalised inputs, parameters outside the optimizer), or
     when nothing was learned (gain under ``no_progress_decades``) over
     ``unexplained_steps`` flat steps; ``info`` otherwise (it may be the noise floor of a hard task).
