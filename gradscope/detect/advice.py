@@ -513,16 +513,29 @@ class RunFacts:
     # ------------------------------------------------------------------ recorded statistics
 
     @cached_property
+    def layer_of(self) -> dict[str, str]:
+        """Each tracked parameter's layer (the module that owns it), by parameter name."""
+        return dict(zip(self.run.meta.get("params", []), self.run.meta.get("param_layers", []), strict=False))
+
+    @cached_property
+    def layers_outside_the_optimizer(self) -> set[str]:
+        """Layers all of whose parameters the Monitor found outside the optimizer."""
+        outside = set(self.run.meta.get("params_not_in_optimizer") or [])
+        params_of: dict[str, list[str]] = {}
+        for param, layer in self.layer_of.items():
+            params_of.setdefault(str(layer), []).append(str(param))
+        return {layer for layer, params in params_of.items() if outside and all(p in outside for p in params)}
+
+    @cached_property
     def zero_weight_layers(self) -> list[str]:
         """Layers whose weight matrix (a ``*.weight`` parameter) is exactly zero after the first step:
         initialised to zero, so no gradient can pass through them (an exact-zero test is right here)."""
         if "param_weight_norm" not in self.run.metrics or not self.run.n_steps:
             return []
         values, params = self.run.metric_array("param_weight_norm", rows=slice(0, 1))  # not every step of every parameter
-        layer_of = dict(zip(self.run.meta.get("params", []), self.run.meta.get("param_layers", []), strict=False))
         zero = []
         for param, value in zip(params, values[0], strict=True):
-            layer = layer_of.get(str(param))
+            layer = self.layer_of.get(str(param))
             if str(param).endswith("weight") and value == 0 and layer in set(self.weight_layers) and layer not in zero:
                 zero.append(layer)
         return zero
@@ -785,8 +798,7 @@ class RunFacts:
             layers, deficit = self.recent_vanishing_profile
             starved = [(d, layer) for layer, d in zip(layers, deficit, strict=True) if np.isfinite(d) and d >= VANISHING_CAUSE_DECADES]
             out += [layer for _, layer in sorted(starved, reverse=True)]
-        layer_of = dict(zip(self.run.meta.get("params", []), self.run.meta.get("param_layers", []), strict=False))
-        out += [layer_of.get(p, p) for p in self.run.meta.get("params_not_in_optimizer") or []]
+        out += [self.layer_of.get(p, p) for p in self.run.meta.get("params_not_in_optimizer") or []]
         return list(dict.fromkeys(out))  # each once, first mention kept
 
     @cached_property
@@ -1093,12 +1105,13 @@ def likely_causes(
                 ),
             )
         )
-    if f.types.get(f.output_module or "") == "Softmax":
+    last = f.types.get(f.output_module or "")
+    if last == "Softmax":
         # The model's last module is a Softmax: with nn.CrossEntropyLoss (which applies log-softmax
         # itself) the loss sees probabilities as logits, its gradients shrink, and it stalls above its
         # floor. Read from the model's structure, so it comes first.
         causes.append(Cause("softmax_before_loss", softmax_output_fix(f)))
-    elif f.types.get(f.output_module or "") in _CLIPPING_OUTPUTS:
+    elif last in _CLIPPING_OUTPUTS:
         # A ReLU-like last module zeroes every negative output: as logits, a class can never be scored
         # below the others by more than the positive ones allow, and the zeroed outputs pass no
         # gradient. (A regression of non-negative targets may mean it: the fix says when it applies.)

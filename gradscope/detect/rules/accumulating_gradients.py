@@ -69,7 +69,7 @@ class AccumulatingGradients(Detector):
             # grows exponentially (equal halves) or faster.
             slowing = (values[-1] - values[half]) <= cfg.max_second_half_share * (values[half] - values[0])
         hit = complete & (rising >= cfg.rising_share) & (growth >= cfg.min_growth_decades) & slowing
-        outside = _layers_outside_the_optimizer(run)
+        outside = f.layers_outside_the_optimizer
         layers = [str(layer) for layer, h in zip(lg.columns, hit, strict=True) if h and str(layer) not in outside]
         if not layers:
             return
@@ -100,14 +100,3 @@ class AccumulatingGradients(Detector):
             fixes=(fix,),
         )
 
-
-def _layers_outside_the_optimizer(run: Run) -> set[str]:
-    """Layers all of whose parameters the Monitor found outside the optimizer."""
-    outside = set(run.meta.get("params_not_in_optimizer") or [])
-    if not outside:
-        return set()
-    layer_of = dict(zip(run.meta.get("params", []), run.meta.get("param_layers", []), strict=False))
-    params_of: dict[str, list[str]] = {}
-    for param, layer in layer_of.items():
-        params_of.setdefault(str(layer), []).append(str(param))
-    return {layer for layer, params in params_of.items() if all(p in outside for p in params)}

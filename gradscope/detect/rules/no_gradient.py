@@ -53,7 +53,7 @@ class NoGradient(Detector):
             return
         # Raw float32 arrays, not frames: this reads every parameter's series, the largest block of a run.
         missing, missing_names = run.metric_array("param_grad_missing")
-        layer_of = dict(zip(run.meta.get("params", []), run.meta.get("param_layers", []), strict=False))
+        layer_of = A.facts(run).layer_of
         absent = missing > 0  # NaN (not recorded) counts as present, as 0 does
         miss_share = absent.mean(axis=0)
         missing_params = [p for p, s in zip(missing_names, miss_share, strict=True) if s >= cfg.share]

@@ -70,8 +70,7 @@ class NoUpdate(Detector):
         layers.sort(key=lambda m: order.get(m, len(order)))
         names = A.describe_modules(layers, f.types)
         numel = dict(zip(run.meta.get("params", []), run.meta.get("param_numels", []), strict=False))
-        layer_of = dict(zip(run.meta.get("params", []), run.meta.get("param_layers", []), strict=False))
-        frozen_values = sum(int(v) for p, v in numel.items() if layer_of.get(p) in set(layers))
+        frozen_values = sum(int(v) for p, v in numel.items() if f.layer_of.get(p) in set(layers))
         total = sum(int(v) for v in numel.values()) or 1
         why = (
             f"{len(not_in_opt)} of their parameters are not in the optimizer" if not_in_opt else "their param group never changes them (lr=0?)"
