@@ -27,6 +27,7 @@ __all__ = [
     "failing",
     "format_findings",
     "parse_codes",
+    "require_detectors",
 ]
 
 MAX_LAYERS_SHOWN = 5  # a finding can name all 50 layers of a model; a line should stay a line
@@ -77,6 +78,20 @@ def checked_codes(select: Iterable[str] | None = None, ignore: Iterable[str] | N
     return sorted(code for code in chosen if code in available and code not in skipped)
 
 
+def require_detectors(select: list[str] | None, ignore: list[str] | None, *, flag: str = "") -> None:
+    """Raise InvalidInputError for an unknown code, then for a selection that leaves no detector to
+    run: a check that runs none finds nothing, and would pass as healthy. ``flag`` is the prefix the
+    options are named with in the message (``"--"`` on the command line)."""
+    check_codes(select, ignore)  # an unknown code first: a typo is the likelier mistake
+    if checked_codes(select, ignore):
+        return
+    given = ([f"{flag}select {','.join(select)}"] if select is not None else []) + [f"{flag}ignore {','.join(ignore or ())}"]
+    raise InvalidInputError(
+        f"expected {flag}select/{flag}ignore to leave at least one detector to run but they leave none "
+        f"({', '.join(given)}); select more codes or ignore fewer"
+    )
+
+
 def assert_healthy(
     run: str | os.PathLike[str] | Run,
     fail_on: str | Severity = "warning",
@@ -101,12 +116,7 @@ def assert_healthy(
     """
     level = Severity.parse(fail_on)
     selected, ignored = parse_codes(select), parse_codes(ignore)
-    check_codes(selected, ignored)  # an unknown code first: a typo is the likelier mistake
-    if not checked_codes(selected, ignored):
-        # Running no detector finds nothing, which would pass: a check that checked nothing.
-        raise InvalidInputError(
-            "expected select/ignore to leave at least one detector to run but they leave none; select more codes or ignore fewer"
-        )
+    require_detectors(selected, ignored)
     loaded = require_steps(load(run), "check")  # a run that measured nothing must not pass as healthy
     findings = diagnose(loaded, select=selected, ignore=ignored)
     bad = failing(findings, level)

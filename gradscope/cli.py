@@ -130,21 +130,13 @@ def _fail(message: str) -> int:
 
 
 def _selection(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
-    from gradscope.checks import checked_codes, parse_codes
-    from gradscope.detect.registry import check_codes
+    from gradscope.checks import parse_codes, require_detectors
     from gradscope.errors import InvalidInputError
 
     select, ignore = parse_codes(args.select), parse_codes(args.ignore)
     if select == []:
         raise InvalidInputError("expected detector codes after --select but got none; omit --select to run every detector")
-    check_codes(select, ignore)  # an unknown code first: a typo, not an empty selection, is the likelier mistake
-    if not checked_codes(select, ignore):
-        # Running no detector finds nothing, which would print "passed": a check that checked nothing.
-        given = ([f"--select {','.join(select)}"] if select is not None else []) + [f"--ignore {','.join(ignore or ())}"]
-        raise InvalidInputError(
-            f"expected --select/--ignore to leave at least one detector to run but they leave none ({', '.join(given)}); "
-            "select more codes or ignore fewer"
-        )
+    require_detectors(select, ignore, flag="--")
     return select, ignore
 
 
