@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from torchrun import run_two_ranks
 
 import gradscope
 
@@ -19,15 +17,7 @@ JOB = Path(__file__).resolve().parents[2] / "examples" / "ddp_example.py"
 def _run_job(tmp_path: Path, mode: str) -> tuple[gradscope.Run, list[dict[str, list]]]:
     log_dir, out_dir = tmp_path / "run", tmp_path / "out"
     out_dir.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(JOB), str(log_dir), mode, str(out_dir)]  # fmt: skip
-    for _attempt in range(2):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-        # torchrun --standalone picks a free port; on a busy machine another process can take it
-        # before the workers bind it. Launch once more in that case only: gradscope never ran.
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
+    proc = run_two_ranks(JOB, str(log_dir), mode, str(out_dir), timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     return gradscope.load(log_dir), ranks

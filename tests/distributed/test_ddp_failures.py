@@ -5,10 +5,10 @@ what it recorded (tests/distributed/failure_job.py runs them under torchrun, 2 r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+from torchrun import run_two_ranks
 
 import gradscope
 
@@ -18,14 +18,8 @@ JOB = Path(__file__).resolve().parent / "failure_job.py"
 def _run_job(tmp_path: Path, mode: str) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     log_dir, out_dir = tmp_path / "run", tmp_path / "out"
     out_dir.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(JOB), str(log_dir), mode, str(out_dir)]  # fmt: skip
-    for _attempt in range(2):
-        # A hang is the failure these tests look for: the timeout turns it into one.
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-        if "address already in use" not in proc.stderr.lower():  # see test_ddp.py
-            break
+    # A hang is the failure these tests look for: the timeout turns it into one.
+    proc = run_two_ranks(JOB, str(log_dir), mode, str(out_dir), timeout=120)
     return proc, log_dir, out_dir
 
 
