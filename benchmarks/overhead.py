@@ -287,7 +287,7 @@ def measure_peers(blocks: int, steps: int) -> list[tuple[str, float, dict[str, s
 
 
 def render_peers(rows: list[tuple[str, float, dict[str, str], list[str]]]) -> str:
-    names = peers.installed()
+    names = list(rows[0][2]) if rows else []  # the peers measure_peers found installed, in its order
     if not names:
         return "No peer is installed (pip install -e \".[peers]\"): none measured."
     lines = [
