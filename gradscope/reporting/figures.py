@@ -18,6 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from gradscope.detect.advice import loss_view
 from gradscope.findings import Finding, Severity
 from gradscope.reporting.downsample import bucket_matrix, envelope, nonfinite_marks
 from gradscope.store.run import Run
@@ -112,17 +113,11 @@ def _wants_log(values: np.ndarray) -> bool:
 
 
 def _loss_given(run: Run) -> np.ndarray:
-    """``(n_steps,)`` bool: the steps whose ``Monitor.step()`` was given a loss.
-
-    The others hold a NaN placeholder that is no NaN loss (``loss_missing``). Runs from before that
-    column count every step as given unless their loss is NaN throughout with no ``loss_given`` in
-    their metadata: never given, as the detectors read them (``LossView.recorded``).
-    """
-    if "loss_missing" in run.metrics:
-        given: np.ndarray = ~(run.scalar("loss_missing") > 0)
-        return given
-    never = not run.meta.get("loss_given") and bool(np.isnan(run.loss).all())
-    return np.full(run.n_steps, not never)
+    """``(n_steps,)`` bool: the steps whose ``Monitor.step()`` was given a loss, as the detectors read
+    them (``LossView``): the others hold a NaN placeholder that is no NaN loss (``loss_missing``), and
+    an older run whose loss is NaN throughout with no ``loss_given`` in its metadata was never given one."""
+    lv = loss_view(run)
+    return lv.given if lv.recorded else np.zeros(run.n_steps, dtype=bool)
 
 
 def training_curves(run: Run, findings: Sequence[Finding]) -> FigureSpec | None:
