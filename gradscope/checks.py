@@ -170,11 +170,13 @@ def _where(f: Finding) -> str:
 
 
 def _layers(f: Finding) -> str:
+    # "layer"/"layers" first: an nn.Sequential names its layers 0, 1, 2…, which next to a step
+    # range would read as more steps
     if not f.layers:
         return ""
     shown = ", ".join(f.layers[:MAX_LAYERS_SHOWN])
     more = f", +{len(f.layers) - MAX_LAYERS_SHOWN} more" if len(f.layers) > MAX_LAYERS_SHOWN else ""
-    return f" [{shown}{more}]"
+    return f" [{'layer' if len(f.layers) == 1 else 'layers'} {shown}{more}]"
 
 
 def _headline(f: Finding) -> str:

@@ -148,7 +148,8 @@ class Finding:
 
     def __str__(self) -> str:
         where = f"step {self.step}" if self.step is not None else "run"
-        layers = f" [{', '.join(self.layers[:4])}{', …' if len(self.layers) > 4 else ''}]" if self.layers else ""
+        noun = "layer" if len(self.layers) == 1 else "layers"  # Sequential layers are named 0, 1, 2…: not steps
+        layers = f" [{noun} {', '.join(self.layers[:4])}{', …' if len(self.layers) > 4 else ''}]" if self.layers else ""
         return f"{self.severity.value}: {self.code} at {where}{layers}: {self.message}"
 
 

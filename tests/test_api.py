@@ -58,3 +58,11 @@ def test_py_typed_is_shipped() -> None:
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     package_data = re.search(r"\[tool\.setuptools\.package-data\]\s*gradscope\s*=\s*\[([^\]]*)\]", pyproject)
     assert package_data is not None and '"py.typed"' in package_data.group(1)
+
+
+def test_a_finding_names_its_layers_as_layers() -> None:
+    # nn.Sequential names its layers 0, 1, 2…: bare, they would read as more steps after "at step 5"
+    many = gradscope.Finding(code="vanishing_gradients", severity="warning", step=5, layers=("0", "2", "4", "6", "8"), message="m")
+    one = gradscope.Finding(code="dead_units", severity="warning", step=5, layers=("2",), message="m")
+    assert str(many) == "warning: vanishing_gradients at step 5 [layers 0, 2, 4, 6, …]: m"
+    assert str(one) == "warning: dead_units at step 5 [layer 2]: m"

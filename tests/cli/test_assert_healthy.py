@@ -20,7 +20,7 @@ def test_raises_with_every_failing_finding_and_its_fixes(write_run: Callable[...
         assert_healthy(run, select=[FAKE_CODE])
     message = str(exc.value)
     assert message.splitlines()[0] == "gradscope found 1 error, 1 warning at or above warning in run:"
-    assert "  step 312: error nonfinite [layer1, layer2]: loss became NaN at step 312" in message
+    assert "  step 312: error nonfinite [layers layer1, layer2]: loss became NaN at step 312" in message
     assert "    fix 2 (gradient_clipping): torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)" in message
     assert "vanishing_gradients" in message
     assert "stalled_training" not in message  # info is below the default fail_on

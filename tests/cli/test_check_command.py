@@ -174,7 +174,7 @@ def test_github_annotations(write_run: Callable[..., str], capsys: pytest.Captur
     assert status == 1
     check_golden("check_github.txt", out)
     lines = out.splitlines()
-    assert lines[0].startswith("::error title=gradscope nonfinite::run: step 312 [layer1, layer2]: loss became NaN")
+    assert lines[0].startswith("::error title=gradscope nonfinite::run: step 312 [layers layer1, layer2]: loss became NaN")
     assert lines[1].startswith("::warning title=gradscope vanishing_gradients::")
     assert lines[2].startswith("::notice title=gradscope stalled_training::")
     # One annotation per line: the message's newline and percent signs are escaped.
