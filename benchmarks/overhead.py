@@ -6,7 +6,9 @@ gradscope's default configuration, and gradscope collecting everything every ste
 drift cancels. The table gives the median per-step time ratio to the bare loop with its min–max
 spread over block pairs; a second table gives each variant's total time over all blocks against
 the bare loop's, which also counts the rare slow blocks the median leaves out (a write every 500
-steps, a live detection). ``--references`` adds two common hand-written ways of watching gradients,
+steps, a live detection); a third gives each variant's percentage points above the floor, the
+median of the per-round differences with a 95% confidence interval, which says whether a gap to
+the floor is more than the machine's noise. ``--references`` adds two common hand-written ways of watching gradients,
 for comparison: a norm and an ``.item()`` per parameter per step, and a 64-bin histogram of every
 gradient per step copied to the host (the computation of histogram logging, without its writes).
 ``--breakdown`` adds gradscope recording only what it records every step (no activation
@@ -26,7 +28,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -175,6 +177,9 @@ class Result:
     bare_ms: float
     ratios: dict[str, tuple[float, float, float]]  # variant -> (median, min, max) of the per-block ratios
     totals: dict[str, float]  # variant -> its total time over all blocks / the bare loop's
+    # variant -> (median, 95% CI low, high) of (variant − floor) / bare per round of blocks, in
+    # percentage points; empty when the floor was not measured
+    above_floor: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def measure(
@@ -197,7 +202,37 @@ def measure(
         per_block = [t / b for t, b in zip(times[v], times["bare"], strict=True)]
         ratios[v] = (statistics.median(per_block), min(per_block), max(per_block))
     totals = {v: sum(times[v]) / sum(times["bare"]) for v in variants[1:]}
-    return Result(workload.name, statistics.median(times["bare"]) * 1e3, ratios, totals)
+    above_floor = {}
+    if "floor" in times:
+        # Paired by round: the blocks of one round ran within milliseconds of each other, so the
+        # difference cancels the machine's drift that the two medians of ratios each carry.
+        for v in variants[1:]:
+            if v != "floor":
+                points = [100 * (t - f) / b for t, f, b in zip(times[v], times["floor"], times["bare"], strict=True)]
+                above_floor[v] = (statistics.median(points), *median_interval(points))
+    return Result(workload.name, statistics.median(times["bare"]) * 1e3, ratios, totals, above_floor)
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of ``values``: the order statistics
+    x₍ₗ₎ and x₍ₙ₋ₗ₊₁₎ whose binomial coverage is at least ``level`` (no assumption on the shape of
+    the noise, which on a shared machine has long tails). The whole range when there are too few
+    values for that coverage (fewer than 6 at 95%)."""
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        return (math.nan, math.nan)
+    tail = (1 - level) / 2
+    below = 0.0  # P(Binomial(n, ½) ≤ k − 1): the chance the median lies below x₍ₖ₎
+    k = 0
+    while k < n // 2:
+        nxt = below + math.comb(n, k) / 2**n
+        if nxt > tail:
+            break
+        below, k = nxt, k + 1
+    if k == 0:
+        return (x[0], x[-1])
+    return (x[k - 1], x[n - k])
 
 
 @contextlib.contextmanager
@@ -229,6 +264,20 @@ def render(results: list[Result]) -> str:
     ]
     for r in results:
         lines.append(f"| {r.workload} | " + " | ".join(f"{r.totals[v]:.3f}×" for v in variants) + " |")
+    # The targets are also read against the floor, in points of the bare loop's time: a paired
+    # difference per round, with a confidence interval, says whether a gap is more than noise.
+    above = [v for v in variants if results and v in results[0].above_floor]
+    if above:
+        lines += [
+            "",
+            "Percentage points above the hand-written floor (median of the per-round differences, 95% confidence interval):",
+            "",
+            "| workload | " + " | ".join(_HEADERS[v] for v in above) + " |",
+            "|---|" + "---|" * len(above),
+        ]
+        for r in results:
+            cells = [f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for m, lo, hi in (r.above_floor[v] for v in above)]
+            lines.append(f"| {r.workload} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ costs multiples, not percent.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,31 @@ def test_the_hand_written_references_are_timed_and_shown_beside_gradscope() -> N
     assert header.count("|") == len(variants) + 2
     assert "histogram of every gradient" in header and "norm + .item() per parameter" in header
     assert set(result.totals) == set(variants[1:]) and all(total > 0 for total in result.totals.values())
-    totals_row = table[-1]  # the ratio of total times, which counts the rare slow blocks too
+    totals_row = table[table.index("Total time over all blocks, against the bare loop's:") + 4]  # counts the rare slow blocks too
     assert totals_row.startswith(f"| {result.workload} |") and totals_row.count("×") == len(variants) - 1
+
+
+def test_the_gap_to_the_floor_is_given_per_round_with_a_confidence_interval() -> None:
+    result = overhead.measure(overhead.WORKLOADS[0], blocks=8, steps_per_block=5, warmup=5)
+    assert set(result.above_floor) == {"default", "everything"}  # every variant but the floor itself
+    for median, lo, hi in result.above_floor.values():
+        assert lo <= median <= hi
+    table = overhead.render([result])
+    assert "Percentage points above the hand-written floor" in table
+    assert table.splitlines()[-1].startswith(f"| {result.workload} | ") and table.count(" [") >= 2
+    without_floor = overhead.measure(overhead.WORKLOADS[0], blocks=2, steps_per_block=2, warmup=2, variants=("bare", "default"))
+    assert without_floor.above_floor == {} and "above the hand-written floor" not in overhead.render([without_floor])
+
+
+def test_the_median_interval_is_the_order_statistics_of_the_binomial_table() -> None:
+    # n = 40 at 95%: the 14th and 27th smallest values (the textbook table); too few values: the range
+    assert overhead.median_interval([float(v) for v in range(40)]) == (13.0, 26.0)
+    assert overhead.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    # its coverage holds for long-tailed noise like a shared machine's (lognormal, true median 1)
+    rng = random.Random(0)
+    trials = 2000
+    covered = sum(lo <= 1.0 <= hi for lo, hi in (overhead.median_interval([rng.lognormvariate(0, 1) for _ in range(40)]) for _ in range(trials)))
+    assert covered / trials >= 0.94
 
 
 def test_peers_that_are_not_installed_are_said_to_be_so(monkeypatch: pytest.MonkeyPatch) -> None:
