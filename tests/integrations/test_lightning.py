@@ -1,7 +1,7 @@
 """``GradscopeCallback`` in a real ``lightning.pytorch.Trainer``: one row per optimizer step, the loss
 ``training_step`` returned, gradients as Lightning hands them to the optimizer (accumulated, before
-clipping), findings at the end of ``fit``, ``"stop"``/``"raise"`` acting on the fit, and the Monitor
-closed on every way out."""
+clipping), fp16 steps the GradScaler skips read as its overflows, findings at the end of ``fit``,
+``"stop"``/``"raise"`` acting on the fit, and the Monitor closed on every way out."""
 
 from __future__ import annotations
 
@@ -73,11 +73,13 @@ class Reference(pl.Callback):
         ]
 
 
-def digits_loader(n_batches: int, *, nan_batch: int | None = None) -> torch.utils.data.DataLoader[Any]:
+def digits_loader(n_batches: int, *, nan_batch: int | None = None, nan_from: int | None = None) -> torch.utils.data.DataLoader[Any]:
     images, labels = load_digits(size=8)
     x, y = images[: n_batches * BATCH].clone(), labels[: n_batches * BATCH]
     if nan_batch is not None:
         x[nan_batch * BATCH + 3, 5] = math.nan  # one bad value in one example of one batch
+    if nan_from is not None:
+        x[nan_from * BATCH + 3 :: BATCH, 5] = math.nan  # one bad value in every batch from nan_from on
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
 
 
@@ -350,3 +352,56 @@ def test_a_resumed_fit_records_the_global_step_its_first_row_stands_for(tmp_path
     assert run.n_steps == 6
     assert run.meta["user"]["global_step_at_start"] == 6
     assert run.meta["user"]["framework"] == "lightning"
+
+
+def fp16_plugin() -> Any:
+    """fp16 mixed precision on the CPU with a real GradScaler (``Trainer(precision="16-mixed")`` falls
+    back to bf16 there, which has no scaler). Scale 2^24: the fp16 gradients overflow (fp16 tops out
+    near 2^16) until the scaler has backed off, so it skips the first steps, as every fp16 run does
+    while its scale calibrates. Backing off 16× at a time leaves the scale far below overflow once
+    calibrated, so that this short run skips no step later."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, backoff_factor=2.0**-4)
+    return pl.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
+def steps_that_changed_no_weight(ref: Reference) -> list[bool]:
+    """Which optimizer steps the GradScaler skipped, seen from the weights alone (SGD with momentum
+    moves every weight on a step it takes from a non-zero gradient)."""
+    return [
+        all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+        for after, before in zip(ref.after, ref.before, strict=True)
+    ]
+
+
+def test_fp16_steps_the_grad_scaler_skips_read_as_its_overflows_with_gradients_before_clipping() -> None:
+    # The gradients are read where Lightning hands them over, unscaled and before clipping, so a blow-up
+    # the clipping hides still shows; a step the scaler skips shows as its reason, a non-finite
+    # gradient with a finite loss, which the detectors read as the scaler at work, not a failure.
+    model, ref, callback = new_model(), Reference(), GradscopeCallback(**QUIET)
+    fit(model, digits_loader(16), [ref, callback], plugins=[fp16_plugin()], gradient_clip_val=0.01)
+    run = callback.run
+    skipped = np.asarray(steps_that_changed_no_weight(ref))
+    assert run.n_steps == len(skipped) == 16
+    assert 0 < skipped.sum() < 16  # both kinds of step happened
+    np.testing.assert_array_equal(~np.isfinite(run.grad_norm), skipped)  # each skip, and only skips
+    taken = ~skipped
+    np.testing.assert_allclose(run.grad_norm[taken], np.asarray(ref.grad_norms)[taken], rtol=1e-4)  # unscaled
+    assert (run.grad_norm[taken] > 0.1).all()  # not the clipped norm (0.01)
+    assert np.isfinite(run.loss).all()
+    bad = [f for f in callback.findings if f.severity.rank >= gradscope.Severity.WARNING.rank]
+    assert bad == [], "\n".join(map(str, bad))
+
+
+def test_a_fp16_fit_that_stays_nonfinite_is_still_an_error() -> None:
+    # NaN in every batch from batch 8 on: the loss is NaN at each of those steps and the scaler skips
+    # them all, a failure that must not pass for the scaler's calibration.
+    model, ref, callback = new_model(), Reference(), GradscopeCallback(**QUIET)
+    fit(model, digits_loader(16, nan_from=8), [ref, callback], plugins=[fp16_plugin()])
+    run = callback.run
+    assert all(steps_that_changed_no_weight(ref)[8:])
+    assert np.isnan(run.loss[8:]).all() and np.isfinite(run.loss[:8]).all()
+    nonfinite = [f for f in callback.findings if f.code == "nonfinite"]
+    assert len(nonfinite) == 1
+    assert nonfinite[0].severity is gradscope.Severity.ERROR
+    assert nonfinite[0].last_step == 15
+    assert nonfinite[0].evidence["loss_nonfinite_steps"] == 8
