@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 from torch.utils.hooks import RemovableHandle
 
 from gradscope._version import __version__
@@ -113,9 +114,11 @@ class Monitor:
         strict: raise gradscope's own internal errors into the training loop instead of warning.
         metadata: anything JSON-serialisable to store with the run (hyperparameters, a name).
         grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. Gradients are then read
-            inside ``optimizer.step()``, where the scaler has unscaled them (gradscope never calls
-            ``unscale_`` itself), and steps the scaler skips for Inf/NaN gradients are recorded as
-            ``optimizer_skipped`` rather than read as a training failure.
+            at :meth:`step` as without a scaler, before any clipping, and divided by the scale the
+            scaler multiplied them by (unless they are unscaled already: ``unscale_()`` was called, or
+            ``scaler.step()`` ran; gradscope never calls ``unscale_`` itself). Steps the scaler skips
+            for Inf/NaN gradients are recorded as ``optimizer_skipped``, their gradients as the
+            non-finite values that made it skip, and an occasional skip is not read as a failure.
     """
 
     def __init__(
@@ -203,7 +206,7 @@ class Monitor:
                 )
             if optimizer is None:
                 raise InvalidInputError(
-                    "expected an optimizer with grad_scaler: gradients are read, unscaled, inside optimizer.step(); "
+                    "expected an optimizer with grad_scaler: the steps the scaler skips are found in optimizer.step(); "
                     "pass the optimizer the scaler steps"
                 )
         self._grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
@@ -681,9 +684,6 @@ class Monitor:
             # Decided here, once: the closure's forwards must not change it.
             target = self._step if closure is not None else self._update_target()
             self._optimizer_stepped.add(target)
-            row = target - self._base
-            if self._grad_scaler is not None and 0 <= row < self._buf.shape[0]:
-                self._record_gradients_at(row)
             self._update_step = None
             if self.update_every and target % self.update_every == 0:
                 self._take_snapshot()
@@ -869,8 +869,7 @@ class Monitor:
         for rows in (self._io_unchecked, self._input_unseen, self._output_unseen):
             if rows and rows[-1] == row:
                 rows.pop()
-        if self._grad_scaler is None:  # with a GradScaler the row's gradients come from optimizer.step()
-            self._host_missing[row] = False
+        self._host_missing[row] = False
         self._host_modules_checked[row] = False
         del self._host_lr[row:]  # one entry per row recorded since the last flush
         if self._act_steps and self._act_steps[-1] == step:
@@ -890,11 +889,14 @@ class Monitor:
         last, gradients first: a failure before them leaves nothing held. (Norms a failed step
         wrote into its row are overwritten by the step recorded next on that row.)"""
         io = self._io_sentinels(row, loss)
-        if self._grad_scaler is None:
-            if self._grads_read_into is not None:
-                self._read_gradient_norms(self._grad_rows[row], row)
-            else:
-                self._held_grads.hold(row, self._gradient_norms(row))
+        scale = self._gradient_scale() if self._grad_scaler is not None else None
+        if self._grads_read_into is not None:
+            self._read_gradient_norms(self._grad_rows[row], row)
+            if scale is not None:
+                self._unscale_norms(self._grad_rows[row], float(scale))  # on the CPU: no wait
+        else:
+            norms = self._gradient_norms(row)
+            self._held_grads.hold(row, norms if scale is None else _divided(norms, scale))
         if isinstance(loss, torch.Tensor):
             # a copy: the loop may reuse the tensor in place (an accumulator, a CUDA graph's output)
             self._held_losses.hold(row, [loss.detach().reshape(()).clone()])
@@ -904,6 +906,36 @@ class Monitor:
             self._held_io.hold(row, io)
         if self._sentinel and not self._observed:
             self._record_watched_sentinels(row)
+
+    def _unscale_norms(self, norms: np.ndarray, scale: float) -> None:
+        """Divide a row of scaled gradient norms (CPU) by the GradScaler's scale. A norm that read
+        as Inf or NaN is read again in float64 first: the squares of scaled float32 gradients can
+        pass float32's range (a scale of 2^100 on a CPU scaler, which only fp16 overflow bounds)
+        where the unscaled norm is ordinary; a gradient truly Inf or NaN reads so again."""
+        overflowed = np.flatnonzero(~np.isfinite(norms))
+        norms /= scale
+        for i in overflowed:
+            grad = self._params[i].grad
+            if grad is not None:
+                norms[i] = float(torch.linalg.vector_norm(grad, dtype=torch.float64)) / scale
+
+    def _gradient_scale(self) -> torch.Tensor | None:
+        """The factor the GradScaler still has the gradients multiplied by, as its own tensor (no
+        host read), or None once they are unscaled: ``scaler.step()`` ran for this step (step() after
+        it), or ``unscale_()`` was called (to clip). Reading the gradients here, not inside
+        ``optimizer.step()``, records them before any clipping, as without a scaler. (A step the
+        scaler then skips has non-finite gradients, scaled or not: they read as its reason.)"""
+        scaler = self._grad_scaler
+        assert scaler is not None
+        if self._step in self._optimizer_stepped:
+            return None
+        # GradScaler keeps no public record of the stage; a torch without these attributes reads as
+        # "still scaled", the stage of a loop that calls step() right after backward(), as documented.
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(self._optimizer))
+        if state is not None and state.get("stage") is not _SCALED_STAGE:
+            return None
+        scale = getattr(scaler, "_scale", None)  # None before the first scale(): nothing was scaled
+        return scale if isinstance(scale, torch.Tensor) else None
 
     def _when_lost(self, mark: Callable[[list[int]], None]) -> Callable[[list[int], Exception], None]:
         """What a HeldValues does when its values are lost (a failed stack or write): mark their
@@ -1018,11 +1050,6 @@ class Monitor:
                         np.sqrt(out, out=out)
                     return
         out[:] = [norm.item() for norm in self._gradient_norms(row)]
-
-    def _record_gradients_at(self, row: int) -> None:
-        """Gradient norms read inside optimizer.step() (with a GradScaler: after it unscaled them)."""
-        with torch.no_grad():
-            self._write(self._gradient_norms(row), self._buf[row, self._c_grad : self._c_io])
 
     def _gradient_norms(self, row: int) -> list[torch.Tensor]:
         """Each tracked parameter's gradient norm; 0 where it has no gradient, marked in ``_host_missing``."""
@@ -1490,6 +1517,7 @@ def _parse_on_finding(value: OnFinding) -> tuple[_LiveAction, Callable[[Finding]
         ) from None
 
 
+_SCALED_STAGE = OptState.READY  # a GradScaler's optimizer whose gradients are not unscaled yet
 _INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 _LOSS_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16}) | _INTEGER_DTYPES
 
@@ -1583,6 +1611,15 @@ def _float32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if all(t.dtype != torch.float64 for t in tensors):
         return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
     return [torch.linalg.vector_norm(t, dtype=None if t.dtype == torch.float64 else torch.float32).float() for t in tensors]
+
+
+def _divided(norms: list[torch.Tensor], scale: torch.Tensor) -> list[torch.Tensor]:
+    """Each norm over ``scale``, on the device, in one batched op (a new list: a missing gradient's
+    norm is a shared zero, never written to)."""
+    try:
+        return list(torch._foreach_div(norms, scale))
+    except RuntimeError:  # norms on several devices (a model split over them)
+        return [n / scale.to(n.device) for n in norms]
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:

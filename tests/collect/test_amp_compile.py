@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -50,6 +50,41 @@ def test_grad_scaler_gradients_are_recorded_unscaled(order: str) -> None:
     assert run.scalar("optimizer_skipped").tolist() == [0.0] * 9
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["read at once", "held on the device"])
+@pytest.mark.parametrize("where", ["after backward", "after unscale_"])
+def test_grad_scaler_gradients_are_recorded_before_clipping(
+    where: str, held: bool, device_gradients: Callable[[gradscope.Monitor], gradscope.Monitor]
+) -> None:
+    # PyTorch's recipe for clipping under a GradScaler: unscale_, clip, then scaler.step. The norms
+    # recorded are the ones backward produced, unscaled, with step() before the clipping, as they are
+    # without a scaler: a blow-up the clipping catches still shows in them.
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    expected = []
+    mon = gradscope.Monitor(model, opt, grad_scaler=scaler, flush_every=4, **quiet)
+    if held:
+        device_gradients(mon)  # the scale is then divided out on the device, as on an accelerator
+    with mon:
+        for x, y in _batches(9):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y) * 100  # gradients well above the clipping norm
+            scaler.scale(loss).backward()
+            if where == "after backward":
+                mon.step(loss)
+            scaler.unscale_(opt)
+            expected.append([float(p.grad.norm()) for p in model.parameters()])  # type: ignore[union-attr]
+            if where == "after unscale_":
+                mon.step(loss)
+            clipped = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.01))
+            assert clipped > 1  # the clipping did bite
+            scaler.step(opt)
+            scaler.update()
+    recorded = mon.run.metric("param_grad_norm").to_numpy()
+    np.testing.assert_allclose(recorded, np.array(expected), rtol=1e-5)
+    assert mon.run.scalar("optimizer_skipped").tolist() == [0.0] * 9
+
+
 def test_steps_the_grad_scaler_skips_are_recorded_as_skipped() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -68,7 +103,7 @@ def test_steps_the_grad_scaler_skips_are_recorded_as_skipped() -> None:
     run = mon.run
     skipped = run.scalar("optimizer_skipped")
     assert skipped.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    assert math.isnan(run.grad_norm[0])  # never read: optimizer.step() did not run
+    assert not np.isfinite(run.grad_norm[0])  # the overflow that made the scaler skip
     assert np.isfinite(run.grad_norm[skipped == 0]).all()
     assert not all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters(), strict=True))
 
