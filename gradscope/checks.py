@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from gradscope.detect.registry import Findings, check_codes, diagnose, registered_detectors
+from gradscope.detect.registry import Findings, check_codes, diagnose, parse_codes, registered_detectors
 from gradscope.errors import InvalidInputError
 from gradscope.findings import Finding, Severity, sort_findings
 from gradscope.store.run import Run, load, require_steps
@@ -45,36 +45,18 @@ class OutputFormat(str, enum.Enum):
         return self.value
 
 
-def parse_codes(values: str | Iterable[str] | None) -> list[str] | None:
-    """Detector codes from ``"a,b"``, ``["a", "b,c"]`` or ``None`` (meaning: no restriction).
-
-    Blank entries are dropped and duplicates removed, keeping the first occurrence's order.
-    """
-    if values is None:
-        return None
-    items = [values] if isinstance(values, str) else list(values)
-    codes: list[str] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise InvalidInputError(f"expected detector codes as strings but got {type(item).__name__}")
-        for code in item.split(","):
-            code = code.strip()
-            if code and code not in codes:
-                codes.append(code)
-    return codes
-
-
 def failing(findings: Iterable[Finding], fail_on: str | Severity = Severity.WARNING) -> list[Finding]:
     """The findings at or above ``fail_on``, most severe first."""
     level = Severity.parse(fail_on).rank
     return sort_findings([f for f in findings if f.severity.rank >= level])
 
 
-def checked_codes(select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> list[str]:
+def checked_codes(select: str | Iterable[str] | None = None, ignore: str | Iterable[str] | None = None) -> list[str]:
     """The detector codes a diagnosis with ``select``/``ignore`` runs, sorted."""
     available = registered_detectors()
-    chosen = list(select) if select is not None else list(available)
-    skipped = set(ignore or ())
+    picked, left_out = parse_codes(select), parse_codes(ignore)
+    chosen = picked if picked is not None else list(available)
+    skipped = set(left_out or ())
     return sorted(code for code in chosen if code in available and code not in skipped)
 
 

@@ -109,7 +109,8 @@ class Monitor:
             first NaN/Inf in the loss or gradients is checked at the next flush whatever the budget.
         live_window: live detection reads the first ``live_window`` steps and the last
             ``live_window`` steps of the run, never the whole history, so its cost stays constant.
-        select, ignore: detector codes to run (or skip) live; an unknown code is refused here, at once.
+        select, ignore: detector codes to run (or skip) live, as a list or one string ``"a,b"``; an
+            unknown code is refused here, at once.
         overwrite: replace a run already in ``log_dir``.
         strict: raise gradscope's own internal errors into the training loop instead of warning.
         metadata: anything JSON-serialisable to store with the run (hyperparameters, a name).
@@ -135,8 +136,8 @@ class Monitor:
         on_finding: OnFinding = "warn",
         detect_every: int | None = None,
         live_window: int = 2000,
-        select: Iterable[str] | None = None,
-        ignore: Iterable[str] | None = None,
+        select: str | Iterable[str] | None = None,
+        ignore: str | Iterable[str] | None = None,
         overwrite: bool = False,
         strict: bool = False,
         metadata: dict[str, Any] | None = None,
@@ -160,11 +161,12 @@ class Monitor:
         self.strict = bool(strict)
         self._live, self._on_finding_callable = _parse_on_finding(on_finding)
         self._detects_live = self._live is not _LiveAction.NONE or self._on_finding_callable is not None
-        self._select = list(select) if select is not None else None
-        self._ignore = list(ignore) if ignore is not None else None
+        self._select: list[str] | None = None
+        self._ignore: list[str] | None = None
         if self._detects_live or select is not None or ignore is not None:
-            from gradscope.detect.registry import check_codes  # detection is downstream of collection
+            from gradscope.detect.registry import check_codes, parse_codes  # detection is downstream of collection
 
+            self._select, self._ignore = parse_codes(select), parse_codes(ignore)
             # A typo in a code is refused here, not at the first live detection, where it could only
             # be a warning; and the detectors load now, not in the middle of training.
             check_codes(self._select, self._ignore)

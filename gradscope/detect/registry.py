@@ -17,7 +17,7 @@ from gradscope.store.run import Run, load
 if TYPE_CHECKING:
     from gradscope.collect.monitor import Monitor
 
-__all__ = ["DETECTOR_ERROR", "Findings", "diagnose", "diagnose_live", "registered_detectors"]
+__all__ = ["DETECTOR_ERROR", "Findings", "diagnose", "diagnose_live", "parse_codes", "registered_detectors"]
 
 DETECTOR_ERROR = "detector_error"
 _log = logging.getLogger("gradscope")
@@ -62,16 +62,17 @@ def registered_detectors() -> dict[str, type[Detector]]:
 def diagnose(
     run: str | os.PathLike[str] | Run | Monitor,
     *,
-    select: Iterable[str] | None = None,
-    ignore: Iterable[str] | None = None,
+    select: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> Findings:
     """Run the detectors over a run and return their findings, most severe first.
 
     Args:
         run: a run directory, a :class:`Run`, or a :class:`Monitor` (diagnosed on what it recorded so far).
-        select: only these detector codes; ``ignore``: skip these codes.
-        config: per-code threshold overrides, e.g. ``{"exploding_loss": {"factor": 100}}``.
+        select: only these detector codes (a list, or one string ``"a,b"``); ``ignore``: skip these codes.
+        config: per-code threshold overrides, e.g. ``{"exploding_loss": {"threshold_decades": 2.0}}``
+            (each detector's settings are in docs/detectors.md).
 
     A detector that crashes becomes a ``detector_error`` finding (severity ``info``); the others still report.
     """
@@ -107,7 +108,7 @@ def diagnose(
     return Findings(findings, run)
 
 
-def check_codes(select: Iterable[str] | None, ignore: Iterable[str] | None) -> None:
+def check_codes(select: str | Iterable[str] | None, ignore: str | Iterable[str] | None) -> None:
     """Raise ``InvalidInputError`` naming any unknown detector code in ``select`` or ``ignore``.
     Loads the built-in detectors, so a Monitor calls it when it is created, not in the middle of training."""
     _select(select, ignore, {})
@@ -118,10 +119,30 @@ def diagnose_live(run: Run, *, select: Iterable[str] | None = None, ignore: Iter
     return diagnose(run, select=select, ignore=ignore)
 
 
-def _select(select: Iterable[str] | None, ignore: Iterable[str] | None, config: Mapping[str, Any]) -> list[Detector]:
+def parse_codes(values: str | Iterable[str] | None) -> list[str] | None:
+    """Detector codes from ``"a,b"``, ``["a", "b,c"]`` or ``None`` (meaning: no restriction).
+
+    Blank entries are dropped and duplicates removed, keeping the first occurrence's order.
+    """
+    if values is None:
+        return None
+    items = [values] if isinstance(values, str) else list(values)
+    codes: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidInputError(f"expected detector codes as strings but got {type(item).__name__}")
+        for code in item.split(","):
+            code = code.strip()
+            if code and code not in codes:
+                codes.append(code)
+    return codes
+
+
+def _select(select: str | Iterable[str] | None, ignore: str | Iterable[str] | None, config: Mapping[str, Any]) -> list[Detector]:
     available = registered_detectors()
-    chosen = list(select) if select is not None else list(available)
-    skipped = set(ignore or ())
+    picked, left_out = parse_codes(select), parse_codes(ignore)  # "a,b" too, as on the command line
+    chosen = picked if picked is not None else list(available)
+    skipped = set(left_out or ())
     unknown = sorted((set(chosen) | skipped | set(config)) - set(available))
     if unknown:
         raise InvalidInputError(

@@ -35,8 +35,8 @@ def report(
     path: str | os.PathLike[str],
     *,
     findings: Iterable[Finding] | None = None,
-    select: Iterable[str] | None = None,
-    ignore: Iterable[str] | None = None,
+    select: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
 ) -> Path:
     """Write the HTML report of a run and return the path written.
 
