@@ -45,7 +45,7 @@ def main(log_dir: str | None = None, *, lr: float = 0.05, max_epochs: int = 3) -
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=64, shuffle=True)
 
     # Live findings come after each write to the run; this 87-step example writes every 20 steps
-    # rather than the default 200 (or 2 s), so a diverging fit is stopped within its first epoch.
+    # rather than the default 500 (or 2 s), so a diverging fit is stopped within its first epoch.
     callback = GradscopeCallback(log_dir=log_dir, on_finding="stop", overwrite=True, flush_every=20)
     trainer = pl.Trainer(
         max_epochs=max_epochs,

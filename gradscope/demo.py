@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(prog="gradscope demo", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("-o", "--out", type=Path, default=Path("gradscope-demo"), help="output folder (default: ./gradscope-demo)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per configuration (default: 400)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the batches drawn (default: 0)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
