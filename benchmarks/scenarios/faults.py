@@ -456,3 +456,26 @@ def no_zero_grad(ctx: Context, zero_grad: bool = False, lr: float = 0.05, steps:
     fit(ctx, model, torch.optim.SGD(model.parameters(), lr=lr), x, y, steps=steps, zero_grad=zero_grad)
     ctx.eval = EvalSet(xt, yt, n_classes=10)
     return model
+
+
+@scenario(
+    label=Label(
+        "the training data is stored class by class and never shuffled: each run of ~9 batches holds one class",
+        ("unshuffled_data",),
+        ("data",),
+        0,
+    )
+)
+def sorted_by_class(
+    ctx: Context, shuffle: bool = False, lr: float = 0.1, epochs: int = 3, batch_size: int = 16
+) -> nn.Module:
+    """The healthy ReLU MLP on the digits sorted by label, read in order (``DataLoader(..., shuffle=False)``)
+    for 3 epochs in batches of 16, SGD at lr=0.1."""
+    x, y, xt, yt = digits_split()
+    by_class = torch.argsort(y, stable=True)
+    x, y = x[by_class], y[by_class]
+    model = _mlp(2, 128, nn.ReLU)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    fit(ctx, model, torch.optim.SGD(model.parameters(), lr=lr), x, y, steps=steps, batch_size=batch_size, shuffle=shuffle)
+    ctx.eval = EvalSet(xt, yt, n_classes=10)
+    return model

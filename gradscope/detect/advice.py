@@ -1005,6 +1005,25 @@ def data_input_fix(f: RunFacts) -> Fix:
     )
 
 
+def shuffle_fixes(period: int) -> tuple[Fix, ...]:
+    """What to do about training data that comes in runs of one class, ~``period`` batches each."""
+    return (
+        Fix(
+            FixKind.DATA,
+            f"Shuffle the training data: `DataLoader(train_set, batch_size=..., shuffle=True)`, or a random sampler "
+            "(`DistributedSampler(train_set, shuffle=True)` and `sampler.set_epoch(epoch)` at each epoch). Each run of "
+            f"~{period} batches holds one class: the model learns to predict it, forgets the others, and ends up "
+            "predicting mostly the last classes it saw. Check that the dataset is not stored sorted by label "
+            "(`ImageFolder`, concatenated per-class files, a dataframe sorted by its label column).",
+        ),
+        Fix(
+            FixKind.DATA,
+            "If the order is deliberate (a curriculum, a stream), mix the classes within each batch instead, e.g. "
+            "`WeightedRandomSampler` or a class-balanced batch sampler.",
+        ),
+    )
+
+
 def activation_fix(f: RunFacts, modules: Sequence[str], why: str) -> Fix:
     names = describe_modules(modules, f.types)
     return Fix(

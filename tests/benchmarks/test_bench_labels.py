@@ -374,6 +374,34 @@ def check_no_zero_grad(runner: Runner) -> None:
     assert score(fixed) > 0.9
 
 
+def check_sorted_by_class(runner: Runner, batch_size: int = 16, epochs: int = 3) -> None:
+    run = runner()
+    fixed = runner(shuffle=True)
+    _, y, _, _ = digits_split()
+    per_epoch = math.ceil(len(y) / batch_size)
+    assert run.probe.n_steps == fixed.probe.n_steps == epochs * per_epoch
+    # Class k starts at example starts[k] of the sorted data; batch ceil(starts[k] / 16) is the first one
+    # made only of class k, two batches earlier only the class before it (or class 9 of the last epoch).
+    starts = np.r_[0, np.cumsum(np.bincount(y.numpy(), minlength=10))[:-1]]
+    first = -(-starts // batch_size)
+    at = np.asarray([e * per_epoch + b for e in range(epochs) for b in first if e * per_epoch + b >= 2])
+
+    def jumps(r: ScenarioRun) -> np.ndarray:
+        losses = r.probe.loss_array()
+        return np.log10(losses[at] / losses[at - 2])
+
+    # Every class boundary lifts the loss by more than a decade; shuffled, the same steps show no jump.
+    assert np.median(jumps(run)) > 1.0 and (jumps(run) > 0.5).mean() > 0.9, jumps(run)
+    assert abs(np.median(jumps(fixed))) < 0.3, jumps(fixed)
+    # The model ends up predicting the last class it was fed, and fails on the balanced test set.
+    assert run.eval is not None
+    with torch.no_grad():
+        predicted = run.model(run.eval.x).argmax(dim=1)
+    assert int(predicted.mode().values) == 9 and float((predicted == 9).float().mean()) > 0.4
+    assert score(run) < 0.5
+    assert score(fixed) > 0.9
+
+
 CHECKS: dict[str, Callable[[Runner], Any]] = {
     "mlp_digits": healthy(0.9),
     "cnn_digits": healthy(0.9),
@@ -409,6 +437,7 @@ CHECKS: dict[str, Callable[[Runner], Any]] = {
     "cnn_lr_too_high": check_cnn_lr_too_high,
     "lstm_lr_too_low": check_lstm_lr_too_low,
     "no_zero_grad": check_no_zero_grad,
+    "sorted_by_class": check_sorted_by_class,
 }
 
 # Fast scenarios whose checks train several counterfactual variants, a few seconds in all.

@@ -11,6 +11,7 @@ from gradscope.detect.rules.nonfinite import NonFinite
 from gradscope.detect.rules.oscillating_loss import OscillatingLoss
 from gradscope.detect.rules.saturated_activations import SaturatedActivations
 from gradscope.detect.rules.stalled_training import StalledTraining
+from gradscope.detect.rules.unshuffled_data import UnshuffledData
 from gradscope.detect.rules.vanishing_gradients import VanishingGradients
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "OscillatingLoss",
     "SaturatedActivations",
     "StalledTraining",
+    "UnshuffledData",
     "VanishingGradients",
 ]
