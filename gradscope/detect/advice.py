@@ -890,6 +890,12 @@ def facts(run: Run) -> RunFacts:
 
 
 def lower_lr_fix(f: RunFacts, step: int | None, *, what: str = "diverged", index: int | None = None) -> Fix:
+    """A lower learning rate, proposed from the one in effect at ``index`` (a row), else at ``step``
+    (the step the failure began: under a schedule that decays, the last lr is not the one that failed),
+    else the last one."""
+    if index is None and step is not None:
+        at = int(np.searchsorted(f.run.steps, step))
+        index = at if at < f.run.n_steps and int(f.run.steps[at]) == step else None
     lr = f.lr_at(index)
     ratio = f.first_update_ratio
     factor = TARGET_UPDATE_RATIO_HIGH / ratio if np.isfinite(ratio) and ratio > 0 else 0.1

@@ -52,6 +52,16 @@ def test_lower_lr_proposal_aims_at_a_one_percent_update() -> None:
     assert "80%" in fix.action
 
 
+def test_lower_lr_proposal_starts_from_the_lr_in_effect_where_the_run_failed() -> None:
+    # A schedule that decays from 3 to 0.05: the run diverged at step 1, under lr=2.76, and the fix
+    # must not quote the last lr (0.05) as the one that failed.
+    lr = np.geomspace(3.0, 0.05, 50)
+    run = synth.mlp_run(np.full(50, 2.3), lr=lr, update_ratio=np.r_[np.full(3, 0.8), np.full(47, 0.01)])
+    fix = A.lower_lr_fix(A.facts(run), 1)
+    assert fix.action.startswith("lr=2.76 with SGD diverged from step 1; try lr=0.03"), fix.action  # the lr at step 1
+    assert A.lower_lr_fix(A.facts(run), None, what="makes the loss oscillate").action.startswith("lr=0.05 ")  # now
+
+
 def test_raise_lr_proposal_aims_at_a_thousandth_per_step() -> None:
     run = synth.mlp_run(np.full(50, 2.3), lr=1e-5, update_ratio=4e-6)
     fix = A.raise_lr_fix(A.facts(run), 4e-6)
