@@ -68,6 +68,28 @@ def test_raise_lr_proposal_aims_at_a_thousandth_per_step() -> None:
     assert "Try lr=0.003" in fix.action  # 1e-5 × 1e-3 / 4e-6 = 2.5e-3
 
 
+def test_raise_lr_fix_quotes_the_threshold_it_is_named_at_and_the_healthy_range() -> None:
+    """The text once said "healthy: ~1e-3" while the cause is named only under 1e-4: the reader could
+    not tell where the line is. It must state the threshold actually used and the measured range."""
+    assert A.LOW_UPDATE_RATIO < A.TARGET_UPDATE_RATIO_LOW <= A.HEALTHY_UPDATE_RATIO[0] < A.HEALTHY_UPDATE_RATIO[1]
+    run = synth.mlp_run(np.full(50, 2.3), lr=1e-5, update_ratio=4e-6)
+    action = A.raise_lr_fix(A.facts(run), 4e-6).action
+    assert "too low is under 0.0001; healthy runs measured 0.003-0.04" in action, action
+    assert "Try lr=0.003, to move it by ~0.001 per step." in action  # 4e-6 × 250
+    assert "~1e-3" not in action
+    capped = A.raise_lr_fix(A.facts(run), 1e-8).action
+    assert "Try lr=0.01, to move it by ~1e-05 per step." in capped  # ×1000 at most: says what it reaches
+
+
+@pytest.mark.parametrize(
+    ("ratio", "named"), [(4e-6, True), (9e-5, True), (1.1e-4, False), (5e-4, False), (3e-3, False)]
+)
+def test_lr_too_low_is_named_exactly_below_the_quoted_threshold(ratio: float, named: bool) -> None:
+    run = synth.mlp_run(synth._noisy(np.full(300, 2.3), 0.01, 5), lr=1e-3, update_ratio=ratio)
+    names = [c.name for c in A.likely_causes(A.facts(run))]
+    assert ("lr_too_low" in names) is named, names
+
+
 def test_clip_threshold_is_the_90th_percentile_of_the_healthy_gradient_norm() -> None:
     n = 200
     healthy = np.linspace(0.1, 2.0, 100)  # p90 = 1.81

@@ -3,12 +3,15 @@ given the right severity and the right first fix."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import synth
 
 import gradscope
 from gradscope import Finding, Severity
+from gradscope.detect.rules.stalled_training import StalledTraining
 from gradscope.testing import synthetic_run
 
 
@@ -216,6 +219,52 @@ def test_unexplained_plateau_is_info_until_it_lasts() -> None:
     long = synth.mlp_run(synth._noisy(np.full(400, 2.3), 0.05, 7))
     assert only(gradscope.diagnose(short), "stalled_training").severity is Severity.INFO
     assert only(gradscope.diagnose(long), "stalled_training").severity is Severity.WARNING
+
+
+def stalled_seeds(make: Callable[[int], gradscope.Run], seeds: range) -> list[int]:
+    return [s for s in seeds if [f for f in gradscope.diagnose(make(s)) if f.code == "stalled_training"]]
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.2, 0.3])
+def test_stall_is_not_hidden_by_small_batch_noise(noise: float) -> None:
+    """A flat loss with batch-to-batch noise of ``noise`` decades (small batches), under a learning
+    rate far too low, is a stall in every one of 40 seeds: the noise can make the last window read
+    lower (or higher) than the one before, or the first batch read low, but not by more than the
+    noise explains. The former two-window test missed 2, 4 and 8 of these 40 seeds."""
+
+    def make(seed: int) -> gradscope.Run:
+        return synth.mlp_run(synth._noisy(np.full(300, 2.3), noise, seed), lr=1e-5, update_ratio=4e-6)
+
+    seeds = range(40)
+    assert stalled_seeds(make, seeds) == list(seeds)
+
+
+def test_noisy_plateau_after_some_progress_is_a_stall_at_almost_every_check() -> None:
+    """0.6 decades learned in 60 steps, then the learning rate collapses and the loss sits on a plateau
+    with the ±0.15-decade noise measured on batches of 8 at that level (digits, 64-64-10 MLP). Judged
+    every 25 steps from step 150, as live checks do, over 20 seeds (220 checks): the 3-SE trend lets
+    ~0.3% through by chance, the former two-window test let 8 (3.6%)."""
+    n, fall = 400, 60
+    curve = np.r_[np.geomspace(2.3, 0.58, fall), np.full(n - fall, 0.58)]
+    lr = np.r_[np.full(fall, 0.1), np.full(n - fall, 1e-5)]
+    ratio = np.r_[np.full(fall, 3e-3), np.full(n - fall, 3e-7)]
+    detector = StalledTraining()
+    missed = []
+    for seed in range(20):
+        loss = synth._noisy(curve, 0.15, seed)
+        for k in range(150, n + 1, 25):
+            if not detector.run(synth.mlp_run(loss[:k], lr=lr[:k], update_ratio=ratio[:k])):
+                missed.append((seed, k))
+    assert len(missed) <= 2, missed  # ≤ 1% of the checks
+
+
+def test_a_slow_but_real_fall_is_still_improving_not_stalled() -> None:
+    # 0.28 decades over 300 steps (0.028 per 30-step window) under ±0.01-decade noise: ~12 standard
+    # errors per window and 3.5 above the 5% floor, a trend no noise explains: the run is still learning.
+    curve = 2.3 * 10 ** np.linspace(0.0, -0.28, 300)
+    for seed in range(20):
+        run = synth.mlp_run(synth._noisy(curve, 0.01, seed))
+        assert not [f for f in gradscope.diagnose(run) if f.code == "stalled_training"], seed
 
 
 def test_flatlined_loss_after_a_high_start_is_a_stall() -> None:
