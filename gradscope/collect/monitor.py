@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.amp.grad_scaler import OptState
 from torch.utils.hooks import RemovableHandle
 
 from gradscope._version import __version__
@@ -212,6 +211,7 @@ class Monitor:
                     "pass the optimizer the scaler steps"
                 )
         self._grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self._scale_version_at_forward: int | None = None  # see _note_scale_version
         self._model: nn.Module | None = model
         self._optimizer = optimizer
         self._params: list[nn.Parameter] = layout.params
@@ -237,8 +237,8 @@ class Monitor:
         # float32 whatever torch's default dtype (a bf16 default would round every stored value)
         self._buf = torch.full((rows, self._n_dev_cols), math.nan, dtype=torch.float32, device=self._device)
         # Each step's loss: read on the host when that waits for nothing (a CPU tensor, a number; NaN
-        # when none was given), else held on its device. Its gradient norms (with a GradScaler they
-        # are written from optimizer.step() instead) likewise: read into the buffer at once when it
+        # when none was given), else held on its device. Its gradient norms (with a GradScaler, divided
+        # by its scale: see _gradient_scale) likewise: read into the buffer at once when it
         # and every parameter are on the CPU, else held on the device. The sums that check its input
         # batch and output are held (see held.py). All held values go into the buffer at the flush;
         # a held step that is lost (an internal error) is stored as missing, not as NaN.
@@ -567,7 +567,7 @@ class Monitor:
 
     # The optimizer hooks likewise run only around the steps whose update is measured (two steps per
     # update_every: the update of step s runs just before or just after step() records s), unless a
-    # GradScaler needs them every step to read gradients and notice skipped steps.
+    # GradScaler needs them every step to notice the steps it skips.
     def _update_optimizer_hooks(self) -> None:
         optimizer = self._optimizer
         k = self.update_every
@@ -615,6 +615,8 @@ class Monitor:
         if not _training_forward():
             return
         self._forward_since_step = True
+        if self._grad_scaler is not None:
+            self._note_scale_version()
         x = args[0] if args and type(args[0]) is torch.Tensor else stats.first_tensor(args)
         y = output if type(output) is torch.Tensor else stats.first_tensor(output)
         if x is None or y is None:
@@ -884,8 +886,8 @@ class Monitor:
         self._held_input = self._held_output = None
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
-        """The step's loss, gradient norms (with a GradScaler they come, unscaled, from
-        optimizer.step() instead) and input/output sums. A loss already on the host goes to the
+        """The step's loss, gradient norms (with a GradScaler, divided by its scale while the
+        gradients are still scaled) and input/output sums. A loss already on the host goes to the
         host array, and gradient norms on the CPU straight into the buffer row; values on a device
         are held (a loss detached: no graph kept), with no wait for the device. The holds come
         last, gradients first: a failure before them leaves nothing held. (Norms a failed step
@@ -896,9 +898,10 @@ class Monitor:
             self._read_gradient_norms(self._grad_rows[row], row)
             if scale is not None:
                 self._unscale_norms(self._grad_rows[row], float(scale))  # on the CPU: no wait
-        else:
-            norms = self._gradient_norms(row)
-            self._held_grads.hold(row, norms if scale is None else _divided(norms, scale))
+        elif scale is None:
+            self._held_grads.hold(row, self._gradient_norms(row))
+        else:  # in float64: the squares of scaled float32 gradients can pass float32's range
+            self._held_grads.hold(row, _divided(self._gradient_norms(row, dtype=torch.float64), scale))
         if isinstance(loss, torch.Tensor):
             # a copy: the loop may reuse the tensor in place (an accumulator, a CUDA graph's output)
             self._held_losses.hold(row, [loss.detach().reshape(()).clone()])
@@ -931,13 +934,28 @@ class Monitor:
         assert scaler is not None
         if self._step in self._optimizer_stepped:
             return None
-        # GradScaler keeps no public record of the stage; a torch without these attributes reads as
-        # "still scaled", the stage of a loop that calls step() right after backward(), as documented.
-        state = getattr(scaler, "_per_optimizer_states", {}).get(id(self._optimizer))
-        if state is not None and state.get("stage") is not _SCALED_STAGE:
-            return None
         scale = getattr(scaler, "_scale", None)  # None before the first scale(): nothing was scaled
-        return scale if isinstance(scale, torch.Tensor) else None
+        if not isinstance(scale, torch.Tensor):
+            return None
+        # update() changes the scale in place: if it ran since the forward, so did scaler.step(), which
+        # unscaled the gradients, whether or not it then skipped optimizer.step() (step() after update()).
+        seen = self._scale_version_at_forward
+        if seen is not None and scale._version != seen:
+            return None
+        # GradScaler keeps no public record of the stage (READY: not unscaled yet); a torch without
+        # these attributes reads as "still scaled", the stage right after backward(), as documented.
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(self._optimizer))
+        if state is not None and getattr(state.get("stage"), "name", "READY") != "READY":
+            return None
+        return scale
+
+    def _note_scale_version(self) -> None:
+        """At a training forward under a GradScaler: the version of its scale tensor then (0 before
+        its first scale(), which creates it), for _gradient_scale."""
+        if torch.compiler.is_compiling():
+            return  # not traced into the model's graph; step() then reads the scaler's stage alone
+        scale = getattr(self._grad_scaler, "_scale", None)
+        self._scale_version_at_forward = scale._version if isinstance(scale, torch.Tensor) else 0
 
     def _when_lost(self, mark: Callable[[list[int]], None]) -> Callable[[list[int], Exception], None]:
         """What a HeldValues does when its values are lost (a failed stack or write): mark their
@@ -1053,20 +1071,20 @@ class Monitor:
                     return
         out[:] = [norm.item() for norm in self._gradient_norms(row)]
 
-    def _gradient_norms(self, row: int) -> list[torch.Tensor]:
+    def _gradient_norms(self, row: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """Each tracked parameter's gradient norm; 0 where it has no gradient, marked in ``_host_missing``."""
         grads = [p.grad for p in self._params]
         if self._all_grads_last_step:
             try:
-                return self._grad_norms(grads)  # type: ignore[arg-type]
+                return self._grad_norms(grads, dtype)  # type: ignore[arg-type]
             except (TypeError, AttributeError):  # a None among the gradients (see _grad_norms), found without a scan each step
                 pass
         missing = [g is None for g in grads]
         self._all_grads_last_step = not any(missing)
         if self._all_grads_last_step:
-            return self._grad_norms(grads)  # type: ignore[arg-type]
+            return self._grad_norms(grads, dtype)  # type: ignore[arg-type]
         self._host_missing[row] = missing
-        present = iter(self._grad_norms([g for g in grads if g is not None]))
+        present = iter(self._grad_norms([g for g in grads if g is not None], dtype))
         return [self._zero if m else next(present) for m in missing]
 
     def _report_replaced_parameters(self) -> None:
@@ -1089,12 +1107,12 @@ class Monitor:
                 stacklevel=4,
             )
 
-    def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _grad_norms(self, grads: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         if not grads:
             return []
         if self._plain_grads:
             try:
-                return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+                return list(torch._foreach_norm(grads, 2, dtype=dtype))
             except (NotImplementedError, RuntimeError):
                 self._plain_grads = False  # sparse (nn.Embedding(sparse=True)) or, after a cast, float64: the general path from now on
         return _float32_norms([_real(_dense(g)) for g in grads])
@@ -1519,7 +1537,6 @@ def _parse_on_finding(value: OnFinding) -> tuple[_LiveAction, Callable[[Finding]
         ) from None
 
 
-_SCALED_STAGE = OptState.READY  # a GradScaler's optimizer whose gradients are not unscaled yet
 _INTEGER_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 _LOSS_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16}) | _INTEGER_DTYPES
 

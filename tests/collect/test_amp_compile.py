@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -106,6 +107,54 @@ def test_steps_the_grad_scaler_skips_are_recorded_as_skipped() -> None:
     assert not np.isfinite(run.grad_norm[0])  # the overflow that made the scaler skip
     assert np.isfinite(run.grad_norm[skipped == 0]).all()
     assert not all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters(), strict=True))
+
+
+def test_a_skipped_step_recorded_after_scaler_update_is_not_unscaled_twice() -> None:
+    # step() after scaler.update(), on a step the scaler skips: scaler.step() unscaled the gradients
+    # but optimizer.step() never ran, and update() cleared the scaler's record of it. Only the scale
+    # having changed since the forward says so; the finite layers must not be divided again.
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    expected = []
+    with gradscope.Monitor(model, opt, grad_scaler=scaler, flush_every=3, **quiet) as mon:
+        for i, (x, y) in enumerate(_batches(6)):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            if i in (0, 3):
+                model[2].bias.grad[0] = math.inf  # type: ignore[index]  # the scaler skips this step
+            scale = scaler.get_scale()
+            expected.append([float(p.grad.norm()) / scale for p in model.parameters()])  # type: ignore[union-attr]
+            scaler.step(opt)
+            scaler.update()
+            mon.step(loss)
+    run = mon.run
+    assert run.scalar("optimizer_skipped").tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    recorded = run.metric("param_grad_norm").to_numpy()
+    np.testing.assert_allclose(recorded, np.array(expected), rtol=1e-5)  # the Inf bias included
+
+
+def test_a_large_scale_does_not_overflow_the_norms_held_on_the_device(
+    device_gradients: Callable[[gradscope.Monitor], gradscope.Monitor],
+) -> None:
+    # The squares of gradients scaled by 2^70 pass float32's range (~3.4e38) where the unscaled
+    # norms are ordinary: on an accelerator they are summed in float64 before the scale is divided out.
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**70, growth_interval=10**6)
+    expected = []
+    with device_gradients(gradscope.Monitor(model, opt, grad_scaler=scaler, flush_every=4, **quiet)) as mon:
+        for x, y in _batches(6):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            expected.append([float(p.grad.double().norm()) / 2.0**70 for p in model.parameters()])  # type: ignore[union-attr]
+            mon.step(loss)
+            scaler.step(opt)
+            scaler.update()
+    assert mon.run.scalar("optimizer_skipped").tolist() == [0.0] * 6
+    np.testing.assert_allclose(mon.run.metric("param_grad_norm").to_numpy(), np.array(expected), rtol=1e-5)
 
 
 def test_grad_scaler_needs_an_optimizer_and_a_real_scaler() -> None:
