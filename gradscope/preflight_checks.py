@@ -46,6 +46,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from gradscope.detect.registry import parse_codes
 from gradscope.errors import GradscopeError, InvalidInputError, UnsupportedSetupError, expect_int
 from gradscope.findings import Finding, Fix, FixKind, Severity, json_number, sort_findings
 
@@ -182,8 +183,8 @@ def preflight(
     overfit_examples: int = 8,
     overfit_lr: float = 1e-2,
     overfit_target: float = OVERFIT_TARGET,
-    select: Iterable[str] | None = None,
-    ignore: Iterable[str] | None = None,
+    select: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
     seed: int = 0,
 ) -> PreflightResult:
     """Check a model, its loss and one real batch for the bugs that make a training run fail.
@@ -201,7 +202,7 @@ def preflight(
         overfit_steps: Adam steps allowed to overfit ``overfit_examples`` examples.
         overfit_lr: learning rate of those steps.
         overfit_target: the loss must fall to this fraction of its starting value.
-        select, ignore: check codes to run or skip (see :data:`CHECKS`).
+        select, ignore: check codes to run or skip (see :data:`CHECKS`), as a list or one string ``"a,b"``.
         seed: seeds the random state of the checks (dropout); the caller's random state is restored.
 
     Returns:
@@ -916,12 +917,11 @@ def _batch_size(inputs: Any) -> int:
     )
 
 
-def _choose(select: Iterable[str] | None, ignore: Iterable[str] | None) -> set[str]:
-    chosen = list(select) if select is not None else list(CHECKS)
-    skipped = set(ignore or ())
+def _choose(select: str | Iterable[str] | None, ignore: str | Iterable[str] | None) -> set[str]:
+    picked, left_out = parse_codes(select), parse_codes(ignore)  # "a,b" too, as on the command line
+    chosen = picked if picked is not None else list(CHECKS)
+    skipped = set(left_out or ())
     unknown = sorted((set(chosen) | skipped) - set(CHECKS))
-    if isinstance(select, str) or isinstance(ignore, str):
-        raise InvalidInputError("expected select/ignore as a list of check codes but got a string; wrap it in a list")
     if unknown:
         raise InvalidInputError(f"expected preflight check codes among {', '.join(CHECKS)} but got {', '.join(unknown)}")
     return {c for c in chosen if c not in skipped}
@@ -1073,7 +1073,7 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     parser.add_argument("--ignore", action="append", metavar="CODES", help="skip these checks (comma-separated, repeatable)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        select, ignore = _codes(args.select), _codes(args.ignore)
+        select, ignore = parse_codes(args.select), parse_codes(args.ignore)
         if select == []:
             raise InvalidInputError("expected check codes after --select but got none; omit --select to run every check")
         kwargs = _load_target(args.target)
@@ -1093,14 +1093,9 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     return 1 if result.failing(args.fail_on) else 0
 
 
-def _codes(values: list[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [code.strip() for value in values for code in value.split(",") if code.strip()]
-
-
-def _require_a_check(select: Iterable[str] | None, ignore: Iterable[str] | None) -> None:
+def _require_a_check(given_select: str | Iterable[str] | None, given_ignore: str | Iterable[str] | None) -> None:
     # Running no check finds nothing, which would print "preflight passed: 0 checks" and exit 0.
+    select, ignore = parse_codes(given_select), parse_codes(given_ignore)
     if not _choose(select, ignore):
         # select may come from the target's dict rather than --select, so the codes are named without the flag.
         given = ([f"select {','.join(select)}"] if select is not None else []) + [f"ignore {','.join(ignore or ())}"]

@@ -329,6 +329,8 @@ def test_assert_ok_lists_every_failure_with_its_fixes(digits: tuple[torch.Tensor
 def test_select_and_ignore(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
     result = preflight(mlp(), F.cross_entropy, digits, select=["label_range", "overfit_batch"], ignore=["overfit_batch"])
     assert result.passed == ["label_range"]
+    as_text = preflight(mlp(), F.cross_entropy, digits, select="label_range, overfit_batch", ignore="overfit_batch")
+    assert as_text.passed == ["label_range"]  # one string "a,b", as on the command line
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,10 @@ class Detector:
 
     code: ClassVar[str] = ""
     Config: ClassVar[type[Any]] = NoConfig
+    # Codes whose findings a finding of this detector replaces in a diagnosis: the same symptom read
+    # as another fault, with that fault's (here wrong) fix. Only a finding actually made replaces
+    # them, so a user who ignores this code, or tunes it not to fire, still gets theirs.
+    supersedes: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -105,7 +105,9 @@ def diagnose(
                 )
             )
             _log.debug("detector %s failed:\n%s", detector.code, traceback.format_exc())
-    return Findings(findings, run)
+    made = {f.code for f in findings}
+    replaced = {code for detector in detectors if detector.code in made for code in detector.supersedes}
+    return Findings([f for f in findings if f.code not in replaced] if replaced else findings, run)
 
 
 def check_codes(select: str | Iterable[str] | None, ignore: str | Iterable[str] | None) -> None:
@@ -114,7 +116,7 @@ def check_codes(select: str | Iterable[str] | None, ignore: str | Iterable[str] 
     _select(select, ignore, {})
 
 
-def diagnose_live(run: Run, *, select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> Findings:
+def diagnose_live(run: Run, *, select: str | Iterable[str] | None = None, ignore: str | Iterable[str] | None = None) -> Findings:
     """The diagnosis a Monitor runs during training, on the run recorded so far."""
     return diagnose(run, select=select, ignore=ignore)
 

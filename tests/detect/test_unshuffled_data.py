@@ -53,6 +53,11 @@ def test_the_class_runs_are_not_also_called_an_oscillation_to_fix_with_the_learn
 
     assert UnshuffledData().class_runs(run) is not None
     assert "oscillating_loss" not in _codes(run)
+    assert [f.code for f in OscillatingLoss().run(run)] == ["oscillating_loss"]  # replaced, in a diagnosis
+    # ignored, or tuned not to fire, unshuffled_data replaces nothing: the oscillation is reported
+    assert [f.code for f in gradscope.diagnose(run, ignore="unshuffled_data")] == ["oscillating_loss"]
+    tuned = gradscope.diagnose(run, config={"unshuffled_data": {"min_asymmetry": 0.99}})
+    assert [f.code for f in tuned] == ["oscillating_loss"]
     # a plain momentum-style oscillation, symmetric in time, is still one
     steps = np.arange(300)
     swinging = synth.mlp_run(10 ** (0.3 - steps / 600 + 0.3 * np.sin(2 * np.pi * steps / 12)))

@@ -12,7 +12,6 @@ from gradscope.detect import advice as A
 from gradscope.detect import functional as F
 from gradscope.detect.base import Detector
 from gradscope.detect.rules._common import LossView, loss_view, step_at
-from gradscope.detect.rules.unshuffled_data import UnshuffledData
 from gradscope.findings import Finding, Fix, FixKind, Severity
 from gradscope.store.run import Run
 
@@ -45,7 +44,7 @@ class OscillatingLoss(Detector):
     **Fixes.** Lower the learning rate (a value is proposed) or, with SGD momentum ≥ 0.95, the momentum;
     then gradient clipping.
 
-    A loss that saws with the class runs of unshuffled data is left to ``unshuffled_data``.
+    A loss that saws with the class runs of unshuffled data is reported by ``unshuffled_data`` instead.
     """
 
     code = "oscillating_loss"
@@ -67,8 +66,6 @@ class OscillatingLoss(Detector):
         n = y.size
         if n < cfg.min_steps:
             return
-        if UnshuffledData().class_runs(run) is not None:
-            return  # swings with the class runs of unshuffled data: shuffling, not a lower lr, is the fix
         w = F.window_length(n, 0.5, cfg.min_steps, 2000)
         seg = y[n - w :]
         span = max(5, min(w // 3, 201)) | 1

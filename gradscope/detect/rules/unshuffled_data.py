@@ -57,9 +57,13 @@ class UnshuffledData(Detector):
     **Fixes.** Shuffle the training data: ``DataLoader(..., shuffle=True)``, or a random sampler
     (``DistributedSampler(shuffle=True)`` with ``set_epoch`` each epoch); check the dataset is not
     stored sorted by label.
+
+    Its finding replaces an ``oscillating_loss`` one on the same run: the same swings, whose fix is
+    not a lower learning rate.
     """
 
     code = "unshuffled_data"
+    supersedes = ("oscillating_loss",)  # its swings are the class runs: a lower lr would not help
 
     @dataclass(frozen=True)
     class Config:
@@ -103,7 +107,7 @@ class UnshuffledData(Detector):
 
     def class_runs(self, run: Run) -> tuple[Sawtooth, npt.NDArray[np.int64]] | None:
         """The sawtooth of class runs in the run's loss, with the rows of the window it was measured
-        on, or None. (``oscillating_loss`` asks too: the same swings are not a learning rate's.)"""
+        on, or None."""
         cfg = self.config
         lv = loss_view(run)
         if not lv.is_log:
