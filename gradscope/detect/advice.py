@@ -903,14 +903,19 @@ def lower_lr_fix(f: RunFacts, step: int | None, *, what: str = "diverged", index
         index = at if at < f.run.n_steps and int(f.run.steps[at]) == step else None
     lr = f.lr_at(index)
     ratio = f.first_update_ratio
-    factor = TARGET_UPDATE_RATIO_HIGH / ratio if np.isfinite(ratio) and ratio > 0 else 0.1
-    factor = float(np.clip(factor, 1e-3, 1 / 3)) if np.isfinite(factor) else 0.1
+    # The first updates moved the weights by ``ratio`` under the first lr: the lr that moves them by
+    # ~1% is that lr × 1%/ratio, whatever a schedule did to the lr since; never above a third of the
+    # lr that failed (nor under a thousandth of it).
+    first_lr = f.lr_at(0)
+    measured = np.isfinite(ratio) and ratio > 0 and np.isfinite(first_lr) and first_lr > 0
     where = f" from step {step}" if step is not None else ""
     if np.isfinite(lr) and lr > 0:
-        proposal = nice_number(lr * factor)
+        aim = first_lr * TARGET_UPDATE_RATIO_HIGH / ratio if measured else 0.1 * lr
+        proposal = nice_number(float(np.clip(aim, 1e-3 * lr, lr / 3)))
         hint = ""
         if np.isfinite(ratio):
-            hint = f" (the first updates moved weights by {F.format_number(ratio * 100)}% of their norm per step; ~1% is the fast end of healthy)"
+            under = f" under lr={F.format_number(first_lr, 3)}" if measured and abs(first_lr - lr) > 0.1 * lr else ""
+            hint = f" (the first updates moved weights by {F.format_number(ratio * 100)}% of their norm per step{under}; ~1% is the fast end of healthy)"
         action = f"{f.lr_text(index)} {what}{where}; try lr={proposal}{hint}."
     else:
         action = f"The run {what}{where}: lower the learning rate 10×."

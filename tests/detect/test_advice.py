@@ -60,6 +60,11 @@ def test_lower_lr_proposal_starts_from_the_lr_in_effect_where_the_run_failed() -
     fix = A.lower_lr_fix(A.facts(run), 1)
     assert fix.action.startswith("lr=2.76 with SGD diverged from step 1; try lr=0.03"), fix.action  # the lr at step 1
     assert A.lower_lr_fix(A.facts(run), None, what="makes the loss oscillate").action.startswith("lr=0.05 ")  # now
+    # Later, at lr=0.25: the first updates moved the weights by 80% under lr=3, so ~1% takes lr≈0.04;
+    # proposed from that measurement, not by shrinking 0.25 by 80×, and below the lr that failed.
+    later = A.lower_lr_fix(A.facts(run), 30)
+    assert later.action.startswith("lr=0.245 with SGD diverged from step 30; try lr=0.03"), later.action
+    assert "80% of their norm per step under lr=3;" in later.action
 
 
 def test_raise_lr_proposal_aims_at_a_thousandth_per_step() -> None:
