@@ -13,9 +13,11 @@ for comparison: a norm and an ``.item()`` per parameter per step, and a 64-bin h
 gradient per step copied to the host (the computation of histogram logging, without its writes).
 ``--breakdown`` adds gradscope recording only what it records every step (no activation
 statistics, no update measurements, no live detection), which splits the default's cost into the
-per-step part and the sampled part. ``--peers`` adds the tools people use today, where installed
+per-step part and the sampled part. ``--what-if`` splits it further: the default without live
+detection, without the model's forward hook (a measurement only: gradscope has no such setting),
+and sampling half as often (activations every 100 steps, updates every 50). ``--peers`` adds the tools people use today, where installed
 (wandb, TensorBoard, torchmortem, Cockpit: see ``benchmarks/peers.py``), each in a run of its own.
-Run:  python -m benchmarks.overhead [--blocks 30] [--quick] [--references] [--breakdown] [--peers]
+Run:  python -m benchmarks.overhead [--blocks 30] [--quick] [--references] [--breakdown] [--what-if] [--peers]
 """
 
 from __future__ import annotations
@@ -111,6 +113,16 @@ class _Loop:
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "default")
         elif variant == "everything":
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "everything", activation_every=1)
+        elif variant == "without_live_detection":
+            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant, on_finding=None)
+        elif variant == "half_cadence":
+            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant, activation_every=100, update_every=50)
+        elif variant == "without_model_hook":
+            # What the model's forward hook costs: the default with that hook taken off (the input batch
+            # and output are then never checked). A measurement only; gradscope has no such setting.
+            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant)
+            for handle in self.monitor._handles:
+                handle.remove()
         elif variant == "per_step_only":
             self.monitor = gradscope.Monitor(
                 self.model, self.opt, log_dir=log_root / "per_step_only", activation_every=0, update_every=0, on_finding=None
@@ -160,11 +172,15 @@ class _Loop:
 VARIANTS = ("bare", "floor", "default", "everything")
 REFERENCES = ("per_param_item", "histograms")  # hand-written alternatives, with --references
 BREAKDOWN = ("per_step_only",)  # the default's per-step part alone, with --breakdown
+WHAT_IF = ("without_live_detection", "without_model_hook", "half_cadence")  # the default's parts, with --what-if
 _HEADERS = {
     "floor": "hand-written floor",
     "default": "gradscope default",
     "everything": "gradscope everything",
     "per_step_only": "gradscope per-step part only",
+    "without_live_detection": "default without live detection",
+    "without_model_hook": "default without the model's forward hook",
+    "half_cadence": "default, sampling half as often",
     "per_param_item": "norm + .item() per parameter",
     "histograms": "histogram of every gradient",
     **peers.HEADERS,
@@ -289,11 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--references", action="store_true", help="also time two common hand-written gradient monitors")
     parser.add_argument("--breakdown", action="store_true", help="also time gradscope's per-step recording alone")
+    parser.add_argument(
+        "--what-if", action="store_true", help="also time the default without each of its parts: what each costs"
+    )
     parser.add_argument("--peers", action="store_true", help="also time the peer tools that are installed (benchmarks/peers.py)")
     parser.add_argument("--peer-blocks", type=int, default=8, help="interleaved blocks per variant in each peer's run")
     parser.add_argument("--peer-steps", type=int, default=20, help="steps per block in each peer's run")
     args = parser.parse_args(argv)
-    variants = VARIANTS + (BREAKDOWN if args.breakdown else ()) + (REFERENCES if args.references else ())
+    variants = VARIANTS + (BREAKDOWN if args.breakdown else ()) + (WHAT_IF if args.what_if else ()) + (REFERENCES if args.references else ())
     torch.set_num_threads(args.threads)
     blocks, steps = (6, 20) if args.quick else (args.blocks, args.steps)
     print(f"# gradscope overhead — {platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -10,6 +10,7 @@ costs multiples, not percent.
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,21 @@ def test_the_gap_to_the_floor_is_given_per_round_with_a_confidence_interval() ->
     assert table.splitlines()[-1].startswith(f"| {result.workload} | ") and table.count(" [") >= 2
     without_floor = overhead.measure(overhead.WORKLOADS[0], blocks=2, steps_per_block=2, warmup=2, variants=("bare", "default"))
     assert without_floor.above_floor == {} and "above the hand-written floor" not in overhead.render([without_floor])
+
+
+def test_the_what_if_variants_each_take_one_part_off_the_default() -> None:
+    variants = ("bare", "floor", *overhead.WHAT_IF)
+    with tempfile.TemporaryDirectory() as tmp:
+        loops = {v: overhead._Loop(overhead.WORKLOADS[0], v, Path(tmp)) for v in overhead.WHAT_IF}
+        monitors = {v: loop.monitor for v, loop in loops.items()}
+        assert all(m is not None for m in monitors.values())
+        assert monitors["without_live_detection"]._detects_live is False  # type: ignore[union-attr]
+        assert not loops["without_model_hook"].model._forward_hooks and loops["half_cadence"].model._forward_hooks
+        assert (monitors["half_cadence"].activation_every, monitors["half_cadence"].update_every) == (100, 50)  # type: ignore[union-attr]
+        for loop in loops.values():
+            loop.close()
+    result = overhead.measure(overhead.WORKLOADS[0], blocks=2, steps_per_block=3, warmup=3, variants=variants)
+    assert set(result.above_floor) == set(overhead.WHAT_IF)
 
 
 def test_the_median_interval_is_the_order_statistics_of_the_binomial_table() -> None:
