@@ -448,6 +448,15 @@ class RunFacts:
         return any(k in self.optimizer_class for k in ("Adam", "RMSprop", "Adagrad", "Adadelta", "Adafactor", "Lion", "NAdam", "RAdam"))
 
     @cached_property
+    def class_run_period(self) -> int | None:
+        """The period in steps of a loss that saws with the class runs of data never shuffled (the
+        ``unshuffled_data`` rule at its default thresholds), or None."""
+        from gradscope.detect.rules.unshuffled_data import UnshuffledData  # the rules import this module
+
+        found = UnshuffledData().class_runs(self.run)
+        return found[0].period if found is not None else None
+
+    @cached_property
     def lr_series(self) -> np.ndarray:
         return np.asarray(self.run.lr, dtype=np.float64)
 
@@ -1116,8 +1125,13 @@ def likely_causes(
     measured before any update; a blow-up of a recurrent net calls for clipping, of an attention
     model for warmup, of anything else for a lower learning rate; then dead units, vanishing
     gradients, saturation; a learning rate too low last, as it is what the other causes also look like.
+    A loss that saws with the class runs of unshuffled data comes before all of them.
     """
     causes: list[Cause] = []
+    if f.class_run_period is not None:
+        # The loss saws with runs of one class: the jump at each switch is what blows up the gradients,
+        # kills units or flattens the loss, and shuffling removes it. Read off the loss itself: first.
+        causes.append(Cause("unshuffled_data", shuffle_fixes(f.class_run_period)[0]))
     dead = {m: v for m, v in f.dead_fractions.items() if v >= DEAD_CAUSE_FRACTION}
     saturated = {m: v for m, v in f.saturated_fractions.items() if v >= SATURATED_CAUSE_FRACTION}
     vanishing = f.vanishing_decades

@@ -124,16 +124,16 @@ def test_a_noisy_small_batch_run_and_a_step_decay_run_are_not_class_runs() -> No
     assert "unshuffled_data" not in _codes(synth.healthy_step_decay())
 
 
-def _digits_run(tmp_path: Path, shuffle: bool) -> Run:
+def _digits_run(tmp_path: Path, shuffle: bool, *, momentum: float = 0.0, lr: float = 0.1, epochs: int = 2) -> Run:
     torch.manual_seed(0)
     images, labels = load_digits(size=8)
     by_class = torch.argsort(labels, stable=True)  # a dataset stored class by class
     data = TensorDataset(images[by_class][:1500], labels[by_class][:1500])
     loader = DataLoader(data, batch_size=16, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     with gradscope.Monitor(model, opt, log_dir=tmp_path / "run", on_finding=None) as mon:
-        for _ in range(2):
+        for _ in range(epochs):
             for x, y in loader:
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x), y)
@@ -146,3 +146,14 @@ def _digits_run(tmp_path: Path, shuffle: bool) -> Run:
 @pytest.mark.parametrize("shuffle", [False, True], ids=["shuffle=False", "shuffle=True"])
 def test_a_real_dataloader_over_data_sorted_by_class(tmp_path: Path, shuffle: bool) -> None:
     assert ("unshuffled_data" in _codes(_digits_run(tmp_path, shuffle))) is not shuffle
+
+
+def test_every_finding_on_unshuffled_data_leads_with_shuffling(tmp_path: Path) -> None:
+    # With momentum the class switches also blow up the gradients and kill units: those findings
+    # rank above the shuffle warning, and their first fix must be the same one (shuffled, the same
+    # network and optimizer train to ~98% with no finding at all).
+    sorted_run = _digits_run(tmp_path / "sorted", False, momentum=0.9, lr=0.05, epochs=3)
+    findings = list(gradscope.diagnose(sorted_run))
+    assert "unshuffled_data" in {f.code for f in findings} and len(findings) >= 2
+    assert [f.fixes[0].kind.value for f in findings if f.fixes] == ["data"] * len([f for f in findings if f.fixes])
+    assert list(gradscope.diagnose(_digits_run(tmp_path / "shuffled", True, momentum=0.9, lr=0.05, epochs=3))) == []
