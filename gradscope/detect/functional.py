@@ -22,6 +22,7 @@ __all__ = [
     "LossExcursion",
     "LossProgress",
     "as_array",
+    "autocorrelation",
     "centered_jump",
     "column_medians",
     "decades",
@@ -199,6 +200,21 @@ def last_sustained_start(mask: npt.ArrayLike) -> int | None:
     if runs and runs[-1][0] + runs[-1][1] == m.size:
         return runs[-1][0]
     return None
+
+
+def autocorrelation(values: npt.ArrayLike, max_lag: int) -> FloatArray:
+    """Autocorrelation of the finite ``values`` at lags 0..max_lag (via FFT); empty under 4 values or
+    for a constant series."""
+    x = as_array(values)
+    x = x[np.isfinite(x)]
+    if x.size < 4:
+        return np.zeros(0)
+    x = x - x.mean()
+    spectrum = np.fft.rfft(x, 2 * x.size)
+    acov = np.fft.irfft(spectrum * np.conj(spectrum))[: max(1, min(max_lag, x.size - 1)) + 1]
+    if acov[0] <= 0:
+        return np.zeros(0)
+    return np.asarray(acov / acov[0], dtype=np.float64)
 
 
 def slope(values: npt.ArrayLike, x: npt.ArrayLike | None = None) -> float:

@@ -71,7 +71,7 @@ class OscillatingLoss(Detector):
         span = max(5, min(w // 3, 201)) | 1
         trend = F.rolling_median(seg, span, center=True)
         detrended = seg - trend
-        acf = _autocorrelation(detrended, w // 3)
+        acf = F.autocorrelation(detrended, w // 3)
         if acf.size < 4:
             return
         lag = int(np.argmin(acf[1:])) + 1
@@ -193,16 +193,3 @@ class OscillatingLoss(Detector):
             [A.clip_fix(f)],
         )
 
-
-def _autocorrelation(values: np.ndarray, max_lag: int) -> np.ndarray:
-    """Autocorrelation of a series at lags 0..max_lag (via FFT); empty for a constant series."""
-    x = np.asarray(values, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if x.size < 4:
-        return np.zeros(0)
-    x = x - x.mean()
-    spectrum = np.fft.rfft(x, 2 * x.size)
-    acov = np.fft.irfft(spectrum * np.conj(spectrum))[: max(1, min(max_lag, x.size - 1)) + 1]
-    if acov[0] <= 0:
-        return np.zeros(0)
-    return np.asarray(acov / acov[0], dtype=np.float64)

@@ -146,15 +146,7 @@ def rank_autocorrelation(values: npt.ArrayLike, max_lag: int) -> F.FloatArray:
     not 4 decades of pattern."""
     x = F.as_array(values)
     x = x[np.isfinite(x)]
-    if x.size < 4:
-        return np.zeros(0)
-    ranks = pd.Series(x).rank(method="average").to_numpy(dtype=np.float64)
-    ranks = ranks - ranks.mean()
-    spectrum = np.fft.rfft(ranks, 2 * ranks.size)
-    acov = np.fft.irfft(spectrum * np.conj(spectrum))[: max(1, min(max_lag, ranks.size - 1)) + 1]
-    if acov[0] <= 0:
-        return np.zeros(0)
-    return np.asarray(acov / acov[0], dtype=np.float64)
+    return F.autocorrelation(pd.Series(x).rank(method="average").to_numpy(dtype=np.float64), max_lag)
 
 
 def sawtooth(values: npt.ArrayLike, *, min_period: int, min_periodicity: float) -> Sawtooth | None:
