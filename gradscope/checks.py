@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from gradscope.detect.registry import Findings, check_codes, diagnose, parse_codes, registered_detectors
+from gradscope.detect.registry import Findings, check_codes, diagnose, parse_codes, selection
 from gradscope.errors import InvalidInputError
 from gradscope.findings import Finding, Severity, sort_findings
 from gradscope.store.run import Run, load, require_steps
@@ -53,11 +53,7 @@ def failing(findings: Iterable[Finding], fail_on: str | Severity = Severity.WARN
 
 def checked_codes(select: str | Iterable[str] | None = None, ignore: str | Iterable[str] | None = None) -> list[str]:
     """The detector codes a diagnosis with ``select``/``ignore`` runs, sorted."""
-    available = registered_detectors()
-    picked, left_out = parse_codes(select), parse_codes(ignore)
-    chosen = picked if picked is not None else list(available)
-    skipped = set(left_out or ())
-    return sorted(code for code in chosen if code in available and code not in skipped)
+    return sorted(selection(select, ignore)[0])
 
 
 def require_detectors(select: list[str] | None, ignore: list[str] | None, *, flag: str = "") -> None:

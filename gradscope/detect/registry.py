@@ -17,7 +17,7 @@ from gradscope.store.run import Run, load
 if TYPE_CHECKING:
     from gradscope.collect.monitor import Monitor
 
-__all__ = ["DETECTOR_ERROR", "Findings", "diagnose", "diagnose_live", "parse_codes", "registered_detectors"]
+__all__ = ["DETECTOR_ERROR", "Findings", "diagnose", "diagnose_live", "parse_codes", "registered_detectors", "selection"]
 
 DETECTOR_ERROR = "detector_error"
 _log = logging.getLogger("gradscope")
@@ -140,23 +140,26 @@ def parse_codes(values: str | Iterable[str] | None) -> list[str] | None:
     return codes
 
 
-def _select(select: str | Iterable[str] | None, ignore: str | Iterable[str] | None, config: Mapping[str, Any]) -> list[Detector]:
+def selection(select: str | Iterable[str] | None, ignore: str | Iterable[str] | None) -> tuple[list[str], set[str]]:
+    """The codes ``select``/``ignore`` name (``"a,b"`` too, as on the command line): those a diagnosis
+    runs, in order, and every code given that no detector has."""
     available = registered_detectors()
-    picked, left_out = parse_codes(select), parse_codes(ignore)  # "a,b" too, as on the command line
+    picked, left_out = parse_codes(select), parse_codes(ignore)
     chosen = picked if picked is not None else list(available)
     skipped = set(left_out or ())
-    unknown = sorted((set(chosen) | skipped | set(config)) - set(available))
+    unknown = (set(chosen) | skipped) - set(available)
+    return [code for code in chosen if code not in skipped and code not in unknown], unknown
+
+
+def _select(select: str | Iterable[str] | None, ignore: str | Iterable[str] | None, config: Mapping[str, Any]) -> list[Detector]:
+    available = registered_detectors()
+    codes, unknown_codes = selection(select, ignore)
+    unknown = sorted(unknown_codes | (set(config) - set(available)))
     if unknown:
         raise InvalidInputError(
             f"expected detector codes among {', '.join(sorted(available)) or '(none registered)'} but got {', '.join(unknown)}"
         )
-    detectors = []
-    for code in chosen:
-        if code in skipped:
-            continue
-        overrides = config.get(code, {})
-        detectors.append(available[code](**overrides))
-    return detectors
+    return [available[code](**config.get(code, {})) for code in codes]
 
 
 def _load_builtin_detectors() -> None:
