@@ -271,30 +271,26 @@ def render(results: list[Result]) -> str:
         lines.append(f"| {r.workload} | {r.bare_ms:.2f} | " + " | ".join(cells) + " |")
     # The median block leaves out the rare slow ones (a write every 500 steps, a live detection):
     # the ratio of total times counts everything a run pays.
-    lines += [
-        "",
-        "Total time over all blocks, against the bare loop's:",
-        "",
-        "| workload | " + " | ".join(_HEADERS[v] for v in variants) + " |",
-        "|---|" + "---|" * len(variants),
-    ]
-    for r in results:
-        lines.append(f"| {r.workload} | " + " | ".join(f"{r.totals[v]:.3f}×" for v in variants) + " |")
+    lines += _table(
+        "Total time over all blocks, against the bare loop's:", results, variants, lambda r, v: f"{r.totals[v]:.3f}×"
+    )
     # The targets are also read against the floor, in points of the bare loop's time: a paired
     # difference per round, with a confidence interval, says whether a gap is more than noise.
     above = [v for v in variants if results and v in results[0].above_floor]
     if above:
-        lines += [
-            "",
+        lines += _table(
             "Percentage points above the hand-written floor (median of the per-round differences, 95% confidence interval):",
-            "",
-            "| workload | " + " | ".join(_HEADERS[v] for v in above) + " |",
-            "|---|" + "---|" * len(above),
-        ]
-        for r in results:
-            cells = [f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for m, lo, hi in (r.above_floor[v] for v in above)]
-            lines.append(f"| {r.workload} | " + " | ".join(cells) + " |")
+            results,
+            above,
+            lambda r, v: "{:+.1f} [{:+.1f}, {:+.1f}]".format(*r.above_floor[v]),
+        )
     return "\n".join(lines)
+
+
+def _table(title: str, results: list[Result], variants: list[str], cell: Callable[[Result, str], str]) -> list[str]:
+    """A titled table after a blank line: a row per workload, a column per variant."""
+    lines = ["", title, "", "| workload | " + " | ".join(_HEADERS[v] for v in variants) + " |", "|---|" + "---|" * len(variants)]
+    return lines + [f"| {r.workload} | " + " | ".join(cell(r, v) for v in variants) + " |" for r in results]
 
 
 def main(argv: list[str] | None = None) -> int:
