@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -222,12 +223,18 @@ def test_gradient_accumulation_checks_every_micro_batch_of_a_step_with_a_nan_los
     assert flags["(output)"].tolist() == [1.0]
 
 
-def test_the_kept_output_holds_no_autograd_graph(quiet: dict[str, Any]) -> None:
+def test_the_kept_input_and_output_are_let_go_at_the_next_forward_and_at_step(quiet: dict[str, Any]) -> None:
+    """The forward keeps the output as it is, with its autograd graph (a detach would cost more
+    than the check it serves), so it must not keep it longer than the loop itself would: the next
+    training forward and step() let it go."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
-        model(torch.randn(8, 4, requires_grad=True))  # a training forward, step() not called yet
-        kept = [mon._held_input, mon._held_output]
-        assert all(t is not None and t.grad_fn is None and not t.requires_grad for t in kept)
+        first = weakref.ref(model(torch.randn(8, 4, requires_grad=True)))  # a forward never backpropagated
+        assert first() is not None and mon._held_output is first()
+        second = weakref.ref(model(torch.randn(8, 4)))
+        assert first() is None, "a second forward before step() still holds the first one's output and graph"
+        mon.step(1.0)
+        assert second() is None, "step() still holds the last forward's output"
 
 
 @pytest.mark.parametrize(
