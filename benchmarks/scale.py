@@ -79,8 +79,7 @@ def write_long_run(path: Path, steps: int, n_layers: int = 50, chunk: int = 1000
         n_fwd_cols = len(_columns(writer.conn, schema.FORWARD_STREAM))
         metric = np.array([m for _, m in step_cols])
         flags = np.isin(metric, list(_FLAGS))  # 0: a healthy run has no missing or non-finite values
-        on_updates = np.isin(metric, list(_ON_UPDATES))  # measured every update_every steps, NaN between
-        update_every = mon.update_every
+        on_updates = np.isin(metric, list(_ON_UPDATES))  # measured on the update cadence's steps, NaN between
         decay = np.geomspace(2.3, 0.05, steps)
         for start in range(1, steps, chunk):
             stop = min(start + chunk, steps)
@@ -88,9 +87,10 @@ def write_long_run(path: Path, steps: int, n_layers: int = 50, chunk: int = 1000
             data = rng.lognormal(-2, 0.3, size=(n, n_step_cols)).astype(np.float32)
             data[:, 0] = decay[start:stop] * rng.lognormal(0, 0.1, n)
             data[:, flags] = 0.0
-            data[np.ix_(np.arange(start, stop) % update_every != 0, on_updates)] = np.nan
+            steps_here = np.arange(start, stop)
+            data[np.ix_(~mon.update_cadence.due_steps(steps_here), on_updates)] = np.nan
             writer.append(schema.STEP_STREAM, np.arange(start, stop), data)
-            act_steps = np.arange(start, stop)[np.arange(start, stop) % 50 == 0]  # the default activation_every
+            act_steps = steps_here[mon.activation_cadence.due_steps(steps_here)]  # the default cadence
             writer.append(schema.FORWARD_STREAM, act_steps, rng.uniform(0, 1, size=(len(act_steps), n_fwd_cols)).astype(np.float32))
         mon._step = steps
         mon._base = steps
@@ -98,7 +98,7 @@ def write_long_run(path: Path, steps: int, n_layers: int = 50, chunk: int = 1000
     return n_layers
 
 
-# Step-stream metrics that are 0/1 flags, and those measured only every update_every steps.
+# Step-stream metrics that are 0/1 flags, and those measured only on the update cadence's steps.
 _FLAGS = {"grad_nonfinite", "grad_missing", "param_grad_missing", "output_nonfinite", "optimizer_skipped"}
 _ON_UPDATES = {"weight_norm", "update_norm", "param_weight_norm", "param_update_norm"}
 

@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradscope._version import __version__
 from gradscope.collect import stats
+from gradscope.collect.cadence import DEFAULT_ACTIVATIONS, DEFAULT_UPDATES, Cadence
 from gradscope.collect.distributed import DistributedContext, refuse_sharded_parameters
 from gradscope.collect.held import HeldValues
 from gradscope.collect.hooks import CopySafeHook
@@ -81,14 +82,17 @@ class Monitor:
             fast models write every 500 steps (a third of a second for that MLP) and slow ones every
             ~2 s. Under torch.distributed it is ignored: ranks must write at the same step, so only
             ``flush_every`` decides.
-        activation_every: sample full activation statistics every this many steps (0: never).
-            50 by default: activations drift slowly next to gradients, and a sampled step costs
-            several reductions per module (~0.5 ms for a 64×128 MLP on CPU, with the hooks), so
-            sampling keeps their cost to a fiftieth. On CPU this keeps one float32 work buffer the
-            size of the largest activation.
-        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). 25 by default: the
-            update/weight ratio drifts slowly, and each measurement copies every parameter and reads
-            it three more times. Holds one copy of the parameters in memory.
+        activation_every: sample full activation statistics every this many steps (0: never). By
+            default every 50 steps for the first 1,000 steps, then every 200: activations drift
+            slowly next to gradients, and a sampled step costs several reductions per module
+            (~0.5 ms for a 64×128 MLP on CPU, with the hooks). The first steps, where most failures
+            start and short runs end, are sampled four times as often as the rest (see
+            ``gradscope.collect.cadence``). On CPU this keeps one float32 work buffer the size of
+            the largest activation.
+        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). By default every 25
+            steps for the first 1,000 steps, then every 100: the update/weight ratio drifts slowly,
+            and each measurement copies every parameter and reads it three more times. Holds one
+            copy of the parameters in memory.
         check_outputs: look for NaN/Inf in every watched module's output, the input batch and the
             model's output on every step (one ``sum`` each, an extra read of every activation), so
             a non-finite value can be traced to the exact module that made it. Off by default:
@@ -129,8 +133,8 @@ class Monitor:
         log_dir: str | os.PathLike[str] | None = None,
         flush_every: int = 500,
         flush_seconds: float | None = 2.0,
-        activation_every: int = 50,
-        update_every: int = 25,
+        activation_every: int | None = None,
+        update_every: int | None = None,
         check_outputs: bool = False,
         on_finding: OnFinding = "warn",
         detect_every: int | None = None,
@@ -152,8 +156,11 @@ class Monitor:
             )
         self.flush_every = expect_int("flush_every", flush_every, at_least=1)
         self.flush_seconds = _positive_seconds("flush_seconds", flush_seconds)
-        self.activation_every = expect_int("activation_every", activation_every, at_least=0)
-        self.update_every = expect_int("update_every", update_every, at_least=0)
+        # None (the default) or the spacing given; the steps sampled are the cadences' to decide.
+        self.activation_every = expect_int("activation_every", activation_every, at_least=0) if activation_every is not None else None
+        self.update_every = expect_int("update_every", update_every, at_least=0) if update_every is not None else None
+        self.activation_cadence = DEFAULT_ACTIVATIONS if self.activation_every is None else Cadence.fixed(self.activation_every)
+        self.update_cadence = DEFAULT_UPDATES if self.update_every is None else Cadence.fixed(self.update_every)
         self.detect_every = expect_int("detect_every", detect_every, at_least=1) if detect_every is not None else None
         self.live_window = expect_int("live_window", live_window, at_least=1)
         self.check_outputs = bool(check_outputs)
@@ -265,7 +272,7 @@ class Monitor:
         self._output_unseen: list[int] = []
         self._loss_missing: list[int] = []  # rows whose step() got no loss: their NaN is no NaN loss
         # Activation statistics: one row per sampled step, watched modules + input.
-        act_rows = self.flush_every // max(self.activation_every, 1) + 2
+        act_rows = self.flush_every // max(self.activation_cadence.densest, 1) + 2
         self._act_buf = torch.full((act_rows, n_watched + 1, stats.N_ACT_PARTS), math.nan, dtype=torch.float32, device=self._device)
         self._act_counts = np.full((act_rows, n_watched + 1, 3), np.nan)  # elements, units, saturation denominator
         self._act_count_rows: dict[tuple[tuple[int, int, int, int], ...], np.ndarray] = {}  # see _finish_activations
@@ -317,7 +324,7 @@ class Monitor:
         self._update_step: int | None = None  # the step whose update the running optimizer.step() makes
         self._optimizer_stepped: set[int] = set()  # steps whose optimizer.step() ran (not skipped)
         self._has_optimizer = optimizer is not None
-        self._sampling = self.activation_every > 0
+        self._sampling = self.activation_cadence.due(0)
         self._closed = False
         self._write_failed = False
         self._loss_given = False
@@ -510,8 +517,8 @@ class Monitor:
                 "config": {
                     "flush_every": self.flush_every,
                     "flush_seconds": self.flush_seconds,
-                    "activation_every": self.activation_every,
-                    "update_every": self.update_every,
+                    "activation_every": self.activation_cadence.describe(),
+                    "update_every": self.update_cadence.describe(),
                     "check_outputs": self.check_outputs,
                 },
                 "user": metadata or {},
@@ -570,10 +577,8 @@ class Monitor:
     # GradScaler needs them every step to notice the steps it skips.
     def _update_optimizer_hooks(self) -> None:
         optimizer = self._optimizer
-        k = self.update_every
-        wanted = optimizer is not None and (
-            self._grad_scaler is not None or (k > 0 and (self._step % k == 0 or (self._step - 1) % k == 0))
-        )
+        due = self.update_cadence.due
+        wanted = optimizer is not None and (self._grad_scaler is not None or due(self._step) or due(self._step - 1))
         if wanted and not self._optimizer_handles:
             assert optimizer is not None
             self._optimizer_handles = [
@@ -691,7 +696,7 @@ class Monitor:
             target = self._step if closure is not None else self._update_target()
             self._optimizer_stepped.add(target)
             self._update_step = None
-            if self.update_every and target % self.update_every == 0:
+            if self.update_cadence.due(target):
                 self._take_snapshot()
                 self._update_step = target
         except Exception as e:
@@ -814,7 +819,7 @@ class Monitor:
         self._step = step = step + 1
         self._first_step = False
         self._forward_since_step = False
-        self._sampling = self.activation_every > 0 and step % self.activation_every == 0
+        self._sampling = self.activation_cadence.due(step)
         if self.check_outputs or self._sampling:
             self._attach_module_hooks()
         elif self._module_handles and not self._hooks_compiled_in:
@@ -822,10 +827,11 @@ class Monitor:
                 self._hooks_compiled_in = True  # see _model_is_compiled
             else:
                 self._detach_module_hooks()
-        k = self.update_every
+        updates = self.update_cadence
+        k = updates.spacing(step)
         if k and self._grad_scaler is None and step % k <= 2:
             self._update_optimizer_hooks()  # they change only at the first and third step of a cycle
-        if self._optimizer is None and self.update_every and (step - 1) % self.update_every == 0:
+        if self._optimizer is None and updates.due(step - 1):
             self._take_snapshot()  # the update of the step just recorded happens after step()
         if silent_hooks:
             self._report_silent_module_hooks(step - 1)
@@ -1123,7 +1129,7 @@ class Monitor:
         # No optimizer hooks: Δθ is the change between consecutive step() calls (or the last step()
         # and close()) and belongs to the earlier step, the one whose gradients the update used.
         last = self._step - 1
-        if self.update_every and last >= 0 and last % self.update_every == 0:
+        if last >= 0 and self.update_cadence.due(last):
             self._measure_update(last)
 
     def _finish_activations(self, step: int) -> bool:
@@ -1340,10 +1346,7 @@ class Monitor:
             # gradients, or a loop that records steps it does not take. Known on every step with a
             # GradScaler, else on the steps whose update is measured (NaN on the others).
             steps = np.arange(first_step, first_step + n)
-            if self._grad_scaler is not None:
-                known = np.ones(n, dtype=bool)
-            else:
-                known = steps % self.update_every == 0 if self.update_every else np.zeros(n, dtype=bool)
+            known = np.ones(n, dtype=bool) if self._grad_scaler is not None else self.update_cadence.due_steps(steps)
             stepped = _rows_mask([s - first_step for s in self._optimizer_stepped if s >= first_step], n)
             skipped = np.where(known, (~stepped).astype(np.float64), np.nan)
             self._optimizer_stepped.difference_update(range(first_step, first_step + n))

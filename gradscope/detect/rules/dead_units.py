@@ -41,7 +41,7 @@ class DeadUnits(Detector):
     class Config:
         dead_fraction: float = 0.5  # half the units dead: healthy ReLU nets measured ≤ 0.34 (mostly < 0.1); lr too high or negative biases 0.7-1.0
         sustained_share: float = 0.8  # dead on 80% of the recent samples: dead means dead every time, not one odd batch
-        min_samples: int = 3  # 3 sampled steps (150 optimizer steps at the default activation_every=50) before judging
+        min_samples: int = 3  # 3 sampled steps (150 optimizer steps at the default early cadence, every 50) before judging
         window_fraction: float = 0.25  # the recent window: the last quarter of the sampled steps, the current state
 
     def check(self, run: Run) -> Iterator[Finding]:
