@@ -3,21 +3,36 @@
 For each workload, identical copies of the model train in interleaved blocks of steps — bare, the
 hand-written floor (one batched ``torch._foreach_norm`` of all gradients and one host copy per step),
 gradscope's default configuration, and gradscope collecting everything every step — so machine
-drift cancels. The table gives the median per-step time ratio to the bare loop with its min–max
-spread over block pairs; a second table gives each variant's total time over all blocks against
-the bare loop's, which also counts the rare slow blocks the median leaves out (a write every 500
-steps, a live detection); a third gives each variant's percentage points above the floor, the
-median of the per-round differences with a 95% confidence interval, which says whether a gap to
-the floor is more than the machine's noise. ``--references`` adds two common hand-written ways of watching gradients,
-for comparison: a norm and an ``.item()`` per parameter per step, and a 64-bin histogram of every
-gradient per step copied to the host (the computation of histogram logging, without its writes).
-``--breakdown`` adds gradscope recording only what it records every step (no activation
-statistics, no update measurements, no live detection), which splits the default's cost into the
-per-step part and the sampled part. ``--what-if`` splits it further: the default without live
-detection, without the model's forward hook (a measurement only: gradscope has no such setting),
-and sampling half as often (activations every 100 steps, updates every 50). ``--peers`` adds the tools people use today, where installed
-(wandb, TensorBoard, torchmortem, Cockpit: see ``benchmarks/peers.py``), each in a run of its own.
-Run:  python -m benchmarks.overhead [--blocks 30] [--quick] [--references] [--breakdown] [--what-if] [--peers]
+drift cancels.
+
+gradscope's default samples activations and updates four times as often in a run's first 1,000
+steps as after them (``gradscope.collect.cadence``). Every copy first trains past those steps
+(``--warmup``), so "default" is what a run pays from then on; "default, first 1,000 steps" keeps
+the early spacing throughout, which is what a run pays before.
+
+The samples come every 200 steps, so the tables are read per period of 200 steps (five rounds of
+40-step blocks), each holding one of every sample; a median over single blocks would leave them
+out of most. The first table gives the median ratio of per-step time to the bare loop's, with its
+min–max over periods. The second gives each variant's total time over all blocks against the bare
+loop's, which also counts the rare slow periods the median leaves out (a write every 500 steps, a
+live detection). The third gives each variant's percentage points above the floor: the median of
+the per-period differences, with a 95% confidence interval, which says whether a gap to the floor
+is more than the machine's noise.
+
+Options:
+- ``--references``: two common hand-written ways of watching gradients, for comparison (a norm and
+  an ``.item()`` per parameter per step; a 64-bin histogram of every gradient per step copied to
+  the host, the computation of histogram logging without its writes).
+- ``--breakdown``: gradscope recording only what it records every step (no activation statistics,
+  no update measurements, no live detection), which splits the default's cost into the per-step
+  part and the sampled part.
+- ``--what-if``: the default without live detection, and without the model's forward hook (a
+  measurement only: gradscope has no such setting).
+- ``--peers``: the tools people use today, where installed (wandb, TensorBoard, torchmortem,
+  Cockpit: see ``benchmarks/peers.py``), each in a run of its own.
+
+Run:  python -m benchmarks.overhead [--blocks 30] [--warmup 1040] [--workloads 0,1,2,3] [--quick]
+      [--references] [--breakdown] [--what-if] [--peers]
 """
 
 from __future__ import annotations
@@ -38,6 +53,12 @@ from torch import nn
 
 import gradscope
 from benchmarks import peers
+from gradscope.collect.cadence import DEFAULT_ACTIVATIONS, EARLY_STEPS
+
+# The default's longest spacing after its first 1,000 steps: every span of this many steps holds
+# one of each of its samples, so the medians are taken over such spans, never over blocks shorter
+# than them (a median of 40-step blocks would leave the samples out of most of them).
+PERIOD = DEFAULT_ACTIVATIONS.every
 
 
 @dataclass(frozen=True)
@@ -115,8 +136,9 @@ class _Loop:
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "everything", activation_every=1)
         elif variant == "without_live_detection":
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant, on_finding=None)
-        elif variant == "half_cadence":
-            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant, activation_every=100, update_every=50)
+        elif variant == "default_early":
+            # the default's spacing in a run's first 1,000 steps, kept throughout
+            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant, activation_every=50, update_every=25)
         elif variant == "without_model_hook":
             # What the model's forward hook costs: the default with that hook taken off (the input batch
             # and output are then never checked). A measurement only; gradscope has no such setting.
@@ -169,18 +191,18 @@ class _Loop:
                 self.peer.close()
 
 
-VARIANTS = ("bare", "floor", "default", "everything")
+VARIANTS = ("bare", "floor", "default", "default_early", "everything")
 REFERENCES = ("per_param_item", "histograms")  # hand-written alternatives, with --references
 BREAKDOWN = ("per_step_only",)  # the default's per-step part alone, with --breakdown
-WHAT_IF = ("without_live_detection", "without_model_hook", "half_cadence")  # the default's parts, with --what-if
+WHAT_IF = ("without_live_detection", "without_model_hook")  # the default's parts, with --what-if
 _HEADERS = {
     "floor": "hand-written floor",
     "default": "gradscope default",
+    "default_early": "gradscope default, first 1,000 steps",
     "everything": "gradscope everything",
     "per_step_only": "gradscope per-step part only",
     "without_live_detection": "default without live detection",
     "without_model_hook": "default without the model's forward hook",
-    "half_cadence": "default, sampling half as often",
     "per_param_item": "norm + .item() per parameter",
     "histograms": "histogram of every gradient",
     **peers.HEADERS,
@@ -191,21 +213,32 @@ _HEADERS = {
 class Result:
     workload: str
     bare_ms: float
-    ratios: dict[str, tuple[float, float, float]]  # variant -> (median, min, max) of the per-block ratios
+    ratios: dict[str, tuple[float, float, float]]  # variant -> (median, min, max) of the per-period ratios
     totals: dict[str, float]  # variant -> its total time over all blocks / the bare loop's
-    # variant -> (median, 95% CI low, high) of (variant − floor) / bare per round of blocks, in
+    # variant -> (median, 95% CI low, high) of (variant − floor) / bare per period, in
     # percentage points; empty when the floor was not measured
     above_floor: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
 
 def measure(
-    workload: Workload, *, blocks: int, steps_per_block: int, warmup: int, variants: tuple[str, ...] = VARIANTS
+    workload: Workload,
+    *,
+    blocks: int,
+    steps_per_block: int,
+    warmup: int,
+    variants: tuple[str, ...] = VARIANTS,
+    period: int = PERIOD,
 ) -> Result:
+    """Time the variants in interleaved blocks. The medians and the gap to the floor are taken per
+    *period*: consecutive rounds of blocks spanning at least ``period`` steps (or all the blocks,
+    when there are fewer), each variant's time over those rounds against the bare loop's over the
+    same rounds. Blocks after the last whole period count only in the total times."""
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         loops = {v: _Loop(workload, v, Path(tmp)) for v in variants}
         g = torch.Generator().manual_seed(0)
         for loop in loops.values():
-            loop.run(warmup, g)
+            for _ in range(math.ceil(warmup / steps_per_block)):  # block by block: the batches are made up front
+                loop.run(steps_per_block, g)
         times: dict[str, list[float]] = {v: [] for v in variants}
         for block in range(blocks):
             order = variants if block % 2 == 0 else tuple(reversed(variants))  # cancel order effects
@@ -213,18 +246,20 @@ def measure(
                 times[v].append(loops[v].run(steps_per_block, g))
         for loop in loops.values():
             loop.close()
+    totals = {v: sum(times[v]) / sum(times["bare"]) for v in variants[1:]}
+    rounds = min(blocks, math.ceil(period / steps_per_block))  # rounds per period
+    spans = {v: [sum(ts[i : i + rounds]) for i in range(0, len(ts) - rounds + 1, rounds)] for v, ts in times.items()}
     ratios = {}
     for v in variants[1:]:
-        per_block = [t / b for t, b in zip(times[v], times["bare"], strict=True)]
-        ratios[v] = (statistics.median(per_block), min(per_block), max(per_block))
-    totals = {v: sum(times[v]) / sum(times["bare"]) for v in variants[1:]}
+        per_period = [t / b for t, b in zip(spans[v], spans["bare"], strict=True)]
+        ratios[v] = (statistics.median(per_period), min(per_period), max(per_period))
     above_floor = {}
     if "floor" in times:
-        # Paired by round: the blocks of one round ran within milliseconds of each other, so the
+        # Paired by period: the blocks of one round ran within milliseconds of each other, so the
         # difference cancels the machine's drift that the two medians of ratios each carry.
         for v in variants[1:]:
             if v != "floor":
-                points = [100 * (t - f) / b for t, f, b in zip(times[v], times["floor"], times["bare"], strict=True)]
+                points = [100 * (t - f) / b for t, f, b in zip(spans[v], spans["floor"], spans["bare"], strict=True)]
                 above_floor[v] = (statistics.median(points), *median_interval(points))
     return Result(workload.name, statistics.median(times["bare"]) * 1e3, ratios, totals, above_floor)
 
@@ -269,17 +304,17 @@ def render(results: list[Result]) -> str:
     for r in results:
         cells = [f"{m:.3f}× ({lo:.2f}–{hi:.2f})" for m, lo, hi in (r.ratios[v] for v in variants)]
         lines.append(f"| {r.workload} | {r.bare_ms:.2f} | " + " | ".join(cells) + " |")
-    # The median block leaves out the rare slow ones (a write every 500 steps, a live detection):
+    # The median period leaves out the rare slow ones (a write every 500 steps, a live detection):
     # the ratio of total times counts everything a run pays.
     lines += _table(
         "Total time over all blocks, against the bare loop's:", results, variants, lambda r, v: f"{r.totals[v]:.3f}×"
     )
     # The targets are also read against the floor, in points of the bare loop's time: a paired
-    # difference per round, with a confidence interval, says whether a gap is more than noise.
+    # difference per period, with a confidence interval, says whether a gap is more than noise.
     above = [v for v in variants if results and v in results[0].above_floor]
     if above:
         lines += _table(
-            "Percentage points above the hand-written floor (median of the per-round differences, 95% confidence interval):",
+            "Percentage points above the hand-written floor (median of the per-period differences, 95% confidence interval):",
             results,
             above,
             lambda r, v: "{:+.1f} [{:+.1f}, {:+.1f}]".format(*r.above_floor[v]),
@@ -293,10 +328,29 @@ def _table(title: str, results: list[Result], variants: list[str], cell: Callabl
     return lines + [f"| {r.workload} | " + " | ".join(cell(r, v) for v in variants) + " |" for r in results]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _indices(text: str) -> list[int]:
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected workload indices like 0,2 but got {text!r}") from None
+    if not all(0 <= i < len(WORKLOADS) for i in indices):
+        raise argparse.ArgumentTypeError(f"workload indices run from 0 to {len(WORKLOADS) - 1}; got {text!r}")
+    return indices
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--blocks", type=int, default=30, help="interleaved blocks per variant")
     parser.add_argument("--steps", type=int, default=40, help="steps per block")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=EARLY_STEPS + 40,
+        help="steps each copy trains before the timed blocks; by default past the default's denser first 1,000 steps",
+    )
+    parser.add_argument(
+        "--workloads", type=_indices, default=None, help="which workloads to time, as indices: 0,2 (default: all)"
+    )
     parser.add_argument("--quick", action="store_true", help="a short run for regression checks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--references", action="store_true", help="also time two common hand-written gradient monitors")
@@ -307,15 +361,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action="store_true", help="also time the peer tools that are installed (benchmarks/peers.py)")
     parser.add_argument("--peer-blocks", type=int, default=8, help="interleaved blocks per variant in each peer's run")
     parser.add_argument("--peer-steps", type=int, default=20, help="steps per block in each peer's run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     variants = VARIANTS + (BREAKDOWN if args.breakdown else ()) + (WHAT_IF if args.what_if else ()) + (REFERENCES if args.references else ())
     torch.set_num_threads(args.threads)
-    blocks, steps = (6, 20) if args.quick else (args.blocks, args.steps)
+    blocks, steps, warmup = (6, 20, 20) if args.quick else (args.blocks, args.steps, args.warmup)
     print(f"# gradscope overhead — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), {blocks} blocks × {steps} steps, {time.strftime('%Y-%m-%d')}")
+          f"{args.threads} thread(s), {warmup} warm-up steps, {blocks} blocks × {steps} steps, {time.strftime('%Y-%m-%d')}")
     results = []
-    for workload in WORKLOADS:
-        results.append(measure(workload, blocks=blocks, steps_per_block=steps, warmup=steps, variants=variants))
+    for workload in WORKLOADS if args.workloads is None else [WORKLOADS[i] for i in args.workloads]:
+        results.append(measure(workload, blocks=blocks, steps_per_block=steps, warmup=warmup, variants=variants))
         print(f"  measured {workload.name}", flush=True)
     print(render(results))
     if args.peers:

@@ -6,7 +6,8 @@
 gradscope keeps between steps on the *next* backward pass (it also counts the minor page faults
 each backward takes). Copies of one workload's model train in interleaved blocks of 20 steps, in
 rotating order, in one process; times are per step, median and mean over all steps after the
-first 15 blocks, and their difference from the bare loop's.
+warm-up blocks (past the default's denser first 1,000 steps), and their difference from the bare
+loop's.
 Run:  python -m benchmarks.phases [--workload 0] [--blocks 150]
 """
 
@@ -23,11 +24,12 @@ import torch
 from torch import nn
 
 from benchmarks.overhead import WORKLOADS, _Loop, _quiet
+from gradscope.collect.cadence import EARLY_STEPS
 
 VARIANTS = ("bare", "floor", "default", "per_step_only")
 PHASES = ("forward", "backward", "recording", "optimizer", "total")
 STEPS_PER_BLOCK = 20
-WARMUP_BLOCKS = 15
+WARMUP_BLOCKS = EARLY_STEPS // STEPS_PER_BLOCK + 1
 
 
 def _minor_faults() -> int:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from benchmarks import overhead, peers
+from gradscope.collect.cadence import EARLY_STEPS
 
 
 def test_the_default_and_everything_settings_stay_near_a_bare_loop() -> None:
@@ -45,7 +46,7 @@ def test_the_hand_written_references_are_timed_and_shown_beside_gradscope() -> N
 
 def test_the_gap_to_the_floor_is_given_per_round_with_a_confidence_interval() -> None:
     result = overhead.measure(overhead.WORKLOADS[0], blocks=8, steps_per_block=5, warmup=5)
-    assert set(result.above_floor) == {"default", "everything"}  # every variant but the floor itself
+    assert set(result.above_floor) == {"default", "default_early", "everything"}  # every variant but the floor itself
     for median, lo, hi in result.above_floor.values():
         assert lo <= median <= hi
     table = overhead.render([result])
@@ -62,12 +63,57 @@ def test_the_what_if_variants_each_take_one_part_off_the_default() -> None:
         monitors = {v: loop.monitor for v, loop in loops.items()}
         assert all(m is not None for m in monitors.values())
         assert monitors["without_live_detection"]._detects_live is False  # type: ignore[union-attr]
-        assert not loops["without_model_hook"].model._forward_hooks and loops["half_cadence"].model._forward_hooks
-        assert (monitors["half_cadence"].activation_every, monitors["half_cadence"].update_every) == (100, 50)  # type: ignore[union-attr]
+        assert not loops["without_model_hook"].model._forward_hooks and loops["without_live_detection"].model._forward_hooks
         for loop in loops.values():
             loop.close()
     result = overhead.measure(overhead.WORKLOADS[0], blocks=2, steps_per_block=3, warmup=3, variants=variants)
     assert set(result.above_floor) == set(overhead.WHAT_IF)
+
+
+def test_the_default_is_timed_past_its_denser_first_steps_and_beside_them() -> None:
+    """The default samples four times as often in a run's first 1,000 steps: the benchmark warms
+    every copy up past them by default, and times that early spacing as a variant of its own."""
+    assert overhead._parser().parse_args([]).warmup > EARLY_STEPS
+    with tempfile.TemporaryDirectory() as tmp:
+        early = overhead._Loop(overhead.WORKLOADS[0], "default_early", Path(tmp))
+        default = overhead._Loop(overhead.WORKLOADS[0], "default", Path(tmp))
+        try:
+            assert early.monitor is not None and default.monitor is not None
+            assert early.monitor.activation_cadence.every == default.monitor.activation_cadence.early_every == 50
+            assert early.monitor.update_cadence.every == default.monitor.update_cadence.early_every == 25
+        finally:
+            early.close()
+            default.close()
+    assert "default_early" in overhead.VARIANTS
+    steps = []
+    real_run = overhead._Loop.run
+
+    def counting_run(self: overhead._Loop, n: int, g: torch.Generator) -> float:
+        steps.append(n)
+        return real_run(self, n, g)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(overhead._Loop, "run", counting_run)
+        overhead.measure(overhead.WORKLOADS[0], blocks=1, steps_per_block=4, warmup=10, variants=("bare", "default"))
+    assert steps == [4, 4, 4] * 2 + [4, 4], "each copy warms up block by block, then trains the timed block"
+
+
+def test_medians_are_taken_over_periods_that_hold_every_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cost paid once every 200 steps is in every period of 200 steps, and in only one 40-step
+    block of five: a median over blocks would not see it at all."""
+
+    def run(self: overhead._Loop, steps: int, g: torch.Generator) -> float:
+        self.blocks_run = getattr(self, "blocks_run", 0) + 1
+        sampled = self.variant == "default" and self.blocks_run % 5 == 0
+        return 1.0 + 0.05 * (self.variant == "floor") + (0.5 if sampled else 0.0)
+
+    monkeypatch.setattr(overhead._Loop, "run", run)
+    result = overhead.measure(overhead.WORKLOADS[0], blocks=20, steps_per_block=40, warmup=0, variants=("bare", "floor", "default"))
+    assert overhead.PERIOD == 200
+    assert result.ratios["default"] == pytest.approx((1.1, 1.1, 1.1))  # (4 × 1 + 1.5) / 5 in each of the 4 periods
+    assert result.ratios["floor"][0] == pytest.approx(1.05)
+    assert result.above_floor["default"][0] == pytest.approx(5.0)
+    assert result.totals["default"] == pytest.approx(1.1)
 
 
 def test_the_median_interval_is_the_order_statistics_of_the_binomial_table() -> None:
