@@ -290,8 +290,7 @@ class Monitor:
         # finite loss stores them as "not checked"; sampled steps check them always. On an
         # accelerator the sums are queued every step, as reading the loss there would wait for it.
         self._io_on_demand = self._device.type == "cpu" and not self.check_outputs and self._dist is None
-        self._held_input: torch.Tensor | None = None
-        self._held_output: torch.Tensor | None = None
+        self._held_forward: tuple[tuple[Any, ...], Any] | None = None  # (positional args, output)
         self._nan_parts = [torch.full((), math.nan, dtype=torch.float32, device=self._device)] * stats.N_ACT_PARTS
         # each sampled step's row of the activation buffer, flat: all modules' parts in one stack
         self._act_rows = [self._act_buf[k].view(-1) for k in range(act_rows)]
@@ -455,7 +454,7 @@ class Monitor:
             self._layout.params = []
             self._layout.watched_modules = []
             self._snapshot = None
-            self._held_input = self._held_output = None
+            self._held_forward = None
             self._scratch.release()
             _open_monitors.discard(self)
 
@@ -622,19 +621,16 @@ class Monitor:
         self._forward_since_step = True
         if self._grad_scaler is not None:
             self._note_scale_version()
-        x = args[0] if args and type(args[0]) is torch.Tensor else stats.first_tensor(args)
-        y = output if type(output) is torch.Tensor else stats.first_tensor(output)
-        if x is None or y is None:
-            self._io_unseen |= (x is None) | (y is None) << 1
-        if self._io_on_demand and not self._sampling and self._held_input is None and self._held_output is None:
-            # The common case, on every training forward: keep both for step() to check if needed.
-            # Kept as they are: a detach costs ~2.5 µs a forward on the CPU, and the autograd graph
-            # they hold is the one the loss holds until step() anyway (its buffers freed by backward).
-            self._held_input = x
-            self._held_output = y
+        if self._io_on_demand and not self._sampling and self._held_forward is None:
+            # The common case, on every training forward: keep what it read and wrote for step(),
+            # which looks at them only when the loss is not finite. Kept as they are, unlooked at:
+            # this hook runs on every forward, and a detach alone costs ~2.5 µs on the CPU. The
+            # autograd graph they hold is the one the loss holds until step() anyway.
+            self._held_forward = (args, output)
             return
-        if self._held_input is not None or self._held_output is not None:
+        if self._held_forward is not None:
             self._sum_held()  # a second forward before step() (gradient accumulation)
+        x, y = self._io_tensors(args, output)
         if self._sampling and x is not None and schema.INPUT_LAYER not in self._failed_hooks:
             try:
                 self._observe(self._n_watched, x)  # its sum is the sentinel
@@ -645,10 +641,20 @@ class Monitor:
         if y is not None:
             self._add_io_sum(schema.OUTPUT_LAYER, y)
 
+    def _io_tensors(self, args: tuple[Any, ...], output: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The input batch and the output of a forward of the model, noting one that is not found."""
+        x = args[0] if args and type(args[0]) is torch.Tensor else stats.first_tensor(args)
+        y = output if type(output) is torch.Tensor else stats.first_tensor(output)
+        if x is None or y is None:
+            self._io_unseen |= (x is None) | (y is None) << 1
+        return x, y
+
     def _sum_held(self) -> None:
-        """Add the kept input batch and output to the step's sentinels, and let them go."""
-        x, y = self._held_input, self._held_output
-        self._held_input = self._held_output = None
+        """Add the kept forward's input batch and output to the step's sentinels, and let them go."""
+        assert self._held_forward is not None
+        args, output = self._held_forward
+        self._held_forward = None
+        x, y = self._io_tensors(args, output)
         if x is not None:
             self._add_io_sum(schema.INPUT_LAYER, x)
         if y is not None:
@@ -812,7 +818,7 @@ class Monitor:
         self._module_hook_ran = False
         self._sentinel.clear()
         self._observed.clear()
-        self._held_input = self._held_output = None
+        self._held_forward = None
         if self._io_sums:
             self._io_sums.clear()
         self._io_unseen = 0
@@ -891,7 +897,7 @@ class Monitor:
         self._sentinel.clear()
         self._io_sums.clear()
         self._io_unseen = 0
-        self._held_input = self._held_output = None
+        self._held_forward = None
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         """The step's loss, gradient norms (with a GradScaler, divided by its scale while the
@@ -1013,11 +1019,11 @@ class Monitor:
     def _io_sentinels(self, row: int, loss: torch.Tensor | float | None) -> list[torch.Tensor] | None:
         """The NaN/Inf sentinels (sums) of the step's input batch and model output; None when they
         are not checked (the row is marked so)."""
-        if self._held_input is not None or self._held_output is not None:
+        if self._held_forward is not None:
             if (type(loss) is float and math.isfinite(loss)) or (type(loss) is torch.Tensor and math.isfinite(loss.item())):
                 # The loss is finite, and with it (nearly always) what the model read and wrote: the
                 # sums are skipped and the step stores them as "not checked".
-                self._held_input = self._held_output = None
+                self._held_forward = None
                 self._io_unchecked.append(row)
                 return None
             self._sum_held()

@@ -230,7 +230,7 @@ def test_the_kept_input_and_output_are_let_go_at_the_next_forward_and_at_step(qu
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
         first = weakref.ref(model(torch.randn(8, 4, requires_grad=True)))  # a forward never backpropagated
-        assert first() is not None and mon._held_output is first()
+        assert first() is not None and mon._held_forward is not None and mon._held_forward[1] is first()
         second = weakref.ref(model(torch.randn(8, 4)))
         assert first() is None, "a second forward before step() still holds the first one's output and graph"
         mon.step(1.0)

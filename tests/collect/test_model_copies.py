@@ -64,12 +64,12 @@ def test_a_copy_of_a_monitored_model_is_a_plain_model(
             assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
 
         # The copy trains on its own, with grad enabled, and the Monitor sees none of it.
-        held = (mon._held_input, mon._held_output)
+        held = mon._held_forward
         twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
         out = twin(torch.full((16, 4), float("nan")))  # a NaN batch the Monitor would flag
         out.sum().backward()
         twin_opt.step()
-        assert (mon._held_input, mon._held_output) == held
+        assert mon._held_forward is held
         assert mon.steps_recorded == at_step
         # its inert hooks removed themselves in that forward: a plain model takes the fast call path
         assert not any(m._forward_hooks for m in twin.modules())
