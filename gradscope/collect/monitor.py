@@ -83,14 +83,15 @@ class Monitor:
             ~2 s. Under torch.distributed it is ignored: ranks must write at the same step, so only
             ``flush_every`` decides.
         activation_every: sample full activation statistics every this many steps (0: never). By
-            default every 50 steps for the first 1,000 steps, then every 200: activations drift
+            default (``None``) every 50 steps for the first 1,000 steps this Monitor records (a
+            resumed run's Monitor counts from its own start), then every 200: activations drift
             slowly next to gradients, and a sampled step costs several reductions per module
             (~0.5 ms for a 64×128 MLP on CPU, with the hooks). The first steps, where most failures
             start and short runs end, are sampled four times as often as the rest (see
             ``gradscope.collect.cadence``). On CPU this keeps one float32 work buffer the size of
             the largest activation.
-        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). By default every 25
-            steps for the first 1,000 steps, then every 100: the update/weight ratio drifts slowly,
+        update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). By default (``None``)
+            every 25 steps for the first 1,000 steps, then every 100: the update/weight ratio drifts slowly,
             and each measurement copies every parameter and reads it three more times. Holds one
             copy of the parameters in memory.
         check_outputs: look for NaN/Inf in every watched module's output, the input batch and the
@@ -290,7 +291,7 @@ class Monitor:
         # finite loss stores them as "not checked"; sampled steps check them always. On an
         # accelerator the sums are queued every step, as reading the loss there would wait for it.
         self._io_on_demand = self._device.type == "cpu" and not self.check_outputs and self._dist is None
-        self._held_forward: tuple[tuple[Any, ...], Any] | None = None  # (positional args, output)
+        self._held_forward: tuple[torch.Tensor | None, torch.Tensor | None] | None = None  # (input batch, output)
         self._nan_parts = [torch.full((), math.nan, dtype=torch.float32, device=self._device)] * stats.N_ACT_PARTS
         # each sampled step's row of the activation buffer, flat: all modules' parts in one stack
         self._act_rows = [self._act_buf[k].view(-1) for k in range(act_rows)]
@@ -571,9 +572,9 @@ class Monitor:
             handle.remove()
         self._module_handles.clear()
 
-    # The optimizer hooks likewise run only around the steps whose update is measured (two steps per
-    # update_every: the update of step s runs just before or just after step() records s), unless a
-    # GradScaler needs them every step to notice the steps it skips.
+    # The optimizer hooks likewise run only around the steps whose update is measured (the sampled
+    # step and the one after it: the update of step s runs just before or just after step() records
+    # s), unless a GradScaler needs them every step to notice the steps it skips.
     def _update_optimizer_hooks(self) -> None:
         optimizer = self._optimizer
         due = self.update_cadence.due
@@ -621,12 +622,17 @@ class Monitor:
         self._forward_since_step = True
         if self._grad_scaler is not None:
             self._note_scale_version()
-        if self._io_on_demand and not self._sampling and self._held_forward is None:
-            # The common case, on every training forward: keep what it read and wrote for step(),
-            # which looks at them only when the loss is not finite. Kept as they are, unlooked at:
-            # this hook runs on every forward, and a detach alone costs ~2.5 µs on the CPU. The
-            # autograd graph they hold is the one the loss holds until step() anyway.
-            self._held_forward = (args, output)
+        if self._io_on_demand and not self._sampling and self._held_forward is None and module.training:
+            # The common case, on every training forward: keep the input batch and the output for
+            # step(), which sums them only when the loss is not finite. Kept as they are: a detach
+            # alone costs ~2.5 µs on the CPU, and in training mode the autograd graph they hold is
+            # the one the loss holds until backward() frees its buffers. (A forward in eval mode
+            # with grad on, which nothing backpropagates, is summed at once instead: kept, its
+            # graph would outlive the loop's own reference to it.)
+            if args and type(args[0]) is torch.Tensor and type(output) is torch.Tensor:
+                self._held_forward = (args[0], output)
+            else:  # found now: the loop may change a dict or list it passed or got back before step()
+                self._held_forward = self._io_tensors(args, output)
             return
         if self._held_forward is not None:
             self._sum_held()  # a second forward before step() (gradient accumulation)
@@ -652,9 +658,8 @@ class Monitor:
     def _sum_held(self) -> None:
         """Add the kept forward's input batch and output to the step's sentinels, and let them go."""
         assert self._held_forward is not None
-        args, output = self._held_forward
+        x, y = self._held_forward
         self._held_forward = None
-        x, y = self._io_tensors(args, output)
         if x is not None:
             self._add_io_sum(schema.INPUT_LAYER, x)
         if y is not None:

@@ -237,6 +237,39 @@ def test_the_kept_input_and_output_are_let_go_at_the_next_forward_and_at_step(qu
         assert second() is None, "step() still holds the last forward's output"
 
 
+def test_a_forward_in_eval_mode_with_grad_on_is_not_kept_past_the_loop(quiet: dict[str, Any]) -> None:
+    """A validation pass that leaves grad on builds graphs nothing backpropagates: the hook sums
+    such a forward at once instead of keeping its output, so its graph goes when the loop lets go."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
+        model.eval()
+        out = weakref.ref(model(torch.randn(8, 4)))
+        assert out() is None and mon._held_forward is None
+        model.train()
+        mon.step(1.0)
+
+
+def test_the_output_checked_is_the_one_the_forward_returned(quiet: dict[str, Any]) -> None:
+    """A loop may change the dict its model returned before step(): the NaN check reads what the
+    forward wrote, not what the dict holds by then."""
+
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.linear(x)}
+
+    model = DictOut()
+    with gradscope.Monitor(model, activation_every=0, **quiet) as mon:
+        out = model(torch.randn(8, 4))
+        out["logits"] = torch.full((8, 2), math.nan)  # the loop's own change, after the forward
+        mon.step(math.nan)
+        flags = mon.run.metric("output_nonfinite")
+    assert flags["(output)"].tolist() == [0.0] and flags["(input)"].tolist() == [0.0]
+
+
 @pytest.mark.parametrize(
     "make",
     [
