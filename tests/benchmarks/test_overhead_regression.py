@@ -114,6 +114,10 @@ def test_medians_are_taken_over_periods_that_hold_every_sample(monkeypatch: pyte
     assert result.ratios["floor"][0] == pytest.approx(1.05)
     assert result.above_floor["default"][0] == pytest.approx(5.0)
     assert result.totals["default"] == pytest.approx(1.1)
+    # blocks that do not divide the period: whole periods still, each with as many samples (30-step
+    # blocks: 600 steps, three samples, in each of two periods)
+    uneven = overhead.measure(overhead.WORKLOADS[0], blocks=40, steps_per_block=30, warmup=0, variants=("bare", "default"))
+    assert uneven.ratios["default"][1] == uneven.ratios["default"][2]
 
 
 def test_the_median_interval_is_the_order_statistics_of_the_binomial_table() -> None:
