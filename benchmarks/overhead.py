@@ -31,7 +31,7 @@ Options:
 - ``--peers``: the tools people use today, where installed (wandb, TensorBoard, torchmortem,
   Cockpit: see ``benchmarks/peers.py``), each in a run of its own.
 
-Run:  python -m benchmarks.overhead [--blocks 30] [--warmup 1040] [--workloads 0,1,2,3] [--quick]
+Run:  python -m benchmarks.overhead [--blocks 100] [--warmup 1040] [--workloads 0,1,2,3] [--quick]
       [--references] [--breakdown] [--what-if] [--peers]
 """
 
@@ -53,7 +53,7 @@ from torch import nn
 
 import gradscope
 from benchmarks import peers
-from gradscope.collect.cadence import DEFAULT_ACTIVATIONS, EARLY_STEPS
+from gradscope.collect.cadence import DEFAULT_ACTIVATIONS, DEFAULT_UPDATES, EARLY_STEPS
 
 # The default's longest spacing after its first 1,000 steps: every span of this many steps holds
 # one of each of its samples, so the medians are taken over such spans, never over blocks shorter
@@ -138,7 +138,13 @@ class _Loop:
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant, on_finding=None)
         elif variant == "default_early":
             # the default's spacing in a run's first 1,000 steps, kept throughout
-            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant, activation_every=50, update_every=25)
+            self.monitor = gradscope.Monitor(
+                self.model,
+                self.opt,
+                log_dir=log_root / variant,
+                activation_every=DEFAULT_ACTIVATIONS.early_every,
+                update_every=DEFAULT_UPDATES.early_every,
+            )
         elif variant == "without_model_hook":
             # What the model's forward hook costs: the default with that hook taken off (the input batch
             # and output are then never checked). A measurement only; gradscope has no such setting.
@@ -230,9 +236,9 @@ def measure(
     period: int = PERIOD,
 ) -> Result:
     """Time the variants in interleaved blocks. The medians and the gap to the floor are taken per
-    *period*: consecutive rounds of blocks spanning at least ``period`` steps (or all the blocks,
-    when there are fewer), each variant's time over those rounds against the bare loop's over the
-    same rounds. Blocks after the last whole period count only in the total times."""
+    *period*: consecutive rounds of blocks spanning a whole number of ``period`` steps (the least
+    common multiple of the two lengths, or all the blocks when there are fewer), each variant's time
+    over those rounds against the bare loop's over the same rounds. Blocks after the last whole period count only in the total times."""
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         loops = {v: _Loop(workload, v, Path(tmp)) for v in variants}
         g = torch.Generator().manual_seed(0)

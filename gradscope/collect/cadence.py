@@ -57,7 +57,7 @@ class Cadence:
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is sampled."""
-        k = self.early_every if step < self.early_steps else self.every
+        k = self.spacing(step)
         return k > 0 and step % k == 0
 
     def due_steps(self, steps: np.ndarray) -> np.ndarray:
