@@ -33,7 +33,7 @@ from gradscope.collect import stats
 from gradscope.collect.cadence import DEFAULT_ACTIVATIONS, DEFAULT_UPDATES, Cadence
 from gradscope.collect.distributed import DistributedContext, refuse_sharded_parameters
 from gradscope.collect.held import HeldValues
-from gradscope.collect.hooks import CopySafeHook
+from gradscope.collect.hooks import CallWatch, CopySafeHook, watch_calls
 from gradscope.collect.layout import ModelLayout, describe_optimizer
 from gradscope.errors import InvalidInputError, TrainingFailure, expect_int
 from gradscope.findings import Finding
@@ -347,7 +347,15 @@ class Monitor:
         # the header and take part in the flush collective.
         writes = self._dist is None or self._dist.is_writer
         self._writer = RunWriter(log_dir if writes else None, overwrite=overwrite)
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle | CallWatch] = []
+        # The model's own forward is watched by a hook at step 0, then, if that forward ran eagerly,
+        # by a CallWatch, which costs a fraction of a hook on every call (see _watch_model_calls).
+        self._model_handle: RemovableHandle | CallWatch | None = None
+        self._call_watch: CallWatch | None = None
+        self._model_forward_seen = False  # the model hook saw a training forward since the last step()
+        self._first_forward_eager = False  # step 0's training forward ran the model hook outside a compiled graph
+        self._model_forward_expected = False  # step 0's forward ran the model hook: every step's should
+        self._model_hook_silence_reported = False
         self._module_handles: list[RemovableHandle] = []
         self._optimizer_handles: list[RemovableHandle] = []
         try:
@@ -546,16 +554,68 @@ class Monitor:
 
     def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self._attach_module_hooks()  # step 0 always: it gives the forward order
-        self._handles.append(model.register_forward_hook(CopySafeHook(self._model_hook)))
+        self._model_handle = model.register_forward_hook(CopySafeHook(self._model_hook))
+        self._handles.append(self._model_handle)
         self._update_optimizer_hooks()
+
+    def _watch_model_calls(self) -> None:
+        """After step 0, whose forward ran eagerly: the model's forward hook gives way to a
+        :class:`CallWatch`, which runs the same hook at ~a fifth of its cost per forward. Not with a
+        GradScaler: a forward the watch missed would misread the scaler's stage (see
+        _note_scale_version)."""
+        if self._model is None or self._grad_scaler is not None or self._model_handle is None:
+            return
+        watch = watch_calls(self._model, self._model_hook)
+        if watch is None:
+            return  # not safe here: the hook stays
+        self._handles.remove(self._model_handle)
+        self._model_handle.remove()
+        self._handles.append(watch)
+        self._model_handle = self._call_watch = watch
+
+    def _model_forward_missed(self) -> bool:
+        """No training forward of the model ran its hook (or watch) since the last step(), where step
+        0's did: this step's input batch and output are stored as not checked, never as finite.
+
+        Under a watch, the model now runs compiled: ``torch.compile`` traces ``_call_impl`` around
+        the watch, and ``model.compile()`` replaces it. A forward hook takes over from the next
+        forward; an in-place compile picks it up. A graph ``torch.compile(model)`` compiled without
+        it does not (``torch._dynamo.config.skip_nnmodule_hook_guards``), nor can anything else that
+        calls the model's ``forward`` without its hooks: True then, to warn (once), as every later
+        step's input and output go unchecked."""
+        self._held_forward = None
+        self._io_unseen = 3  # neither the input batch nor the output found: not checked
+        watch = self._call_watch
+        if watch is not None:
+            assert self._model is not None
+            self._handles.remove(watch)
+            watch.remove()
+            self._call_watch = None
+            self._model_handle = self._model.register_forward_hook(CopySafeHook(self._model_hook))
+            self._handles.append(self._model_handle)
+            return False
+        return not self._model_hook_silence_reported
+
+    def _report_silent_model_hook(self, step: int) -> None:
+        self._model_hook_silence_reported = True
+        warnings.warn(
+            f"gradscope: no training forward ran the model's forward hook before step {step} was recorded, as one did at "
+            "step 0, so its input batch and output are stored as not checked for NaN/Inf, and will be while this lasts. "
+            "A model compiled with torch.compile after its first steps does not run hooks added since "
+            "(torch._dynamo.config.skip_nnmodule_hook_guards): compile it before its first step with the Monitor. A loop "
+            "that calls model.forward() or the model's submodules instead of the model skips the hook too. Losses, "
+            "gradients and updates are recorded either way",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _detach(self) -> None:
         self._detach_module_hooks()
         for handle in self._optimizer_handles:
             handle.remove()
         self._optimizer_handles = []
-        for handle in self._handles:
-            handle.remove()
+        for model_handle in self._handles:
+            model_handle.remove()
         self._handles.clear()
 
     # Hooks on every watched module run only on the steps that need them (sampled steps, or every
@@ -609,7 +669,9 @@ class Monitor:
         return hook
 
     def _model_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """After the model's forward: the input batch and the output, each checked for NaN/Inf.
+        """After the model's forward: the input batch and the output, each checked for NaN/Inf. Run by
+        a forward hook at step 0, then, when that forward ran eagerly, by a CallWatch (see
+        _watch_model_calls).
 
         The input is the first tensor among the positional arguments. Keyword arguments are not
         looked at: PyTorch's keyword-aware hooks cost ~40 µs per forward on CPU, a tenth of a small
@@ -619,7 +681,9 @@ class Monitor:
         """
         if not _training_forward():
             return
-        self._forward_since_step = True
+        self._forward_since_step = self._model_forward_seen = True
+        if self._first_step:
+            self._first_forward_eager = not torch.compiler.is_compiling()
         if self._grad_scaler is not None:
             self._note_scale_version()
         if self._io_on_demand and not self._sampling and self._held_forward is None and module.training:
@@ -792,6 +856,9 @@ class Monitor:
             if step - self._base >= self.flush_every or (step > self._base and now >= self._flush_deadline):
                 self._flush(upto=step)
             row = step - self._base
+            silent_model = (
+                self._model_forward_expected and not self._model_forward_seen and self._model_forward_missed()
+            )
             grad_was_enabled = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() at a fifth of its cost, on every step
             try:
@@ -828,6 +895,11 @@ class Monitor:
             self._io_sums.clear()
         self._io_unseen = 0
         self._step = step = step + 1
+        if self._first_step:
+            self._model_forward_expected = self._model_forward_seen
+            if self._first_forward_eager:
+                self._watch_model_calls()
+        self._model_forward_seen = False
         self._first_step = False
         self._forward_since_step = False
         self._sampling = self.activation_cadence.due(step)
@@ -846,6 +918,8 @@ class Monitor:
             self._take_snapshot()  # the update of the step just recorded happens after step()
         if silent_hooks:
             self._report_silent_module_hooks(step - 1)
+        if silent_model:
+            self._report_silent_model_hook(step - 1)
         if not self._all_grads_last_step and not self._replaced_params_checked:
             self._report_replaced_parameters()
 
@@ -862,7 +936,12 @@ class Monitor:
             return False
         if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             return True
-        return any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
+        watch = self._call_watch
+        return any(
+            (call := getattr(module, "_compiled_call_impl", None)) is not None
+            and not (watch is not None and watch.is_watch(call))
+            for module in model.modules()
+        )
 
     def _report_silent_module_hooks(self, step: int) -> None:
         """Warn once when a sampled step's training forward ran none of the watched modules' hooks,

@@ -1,6 +1,7 @@
 """A monitored model can be copied and saved whole, as training code does: ``copy.deepcopy`` (an
 EMA or teacher copy), ``torch.optim.swa_utils.AveragedModel`` and ``torch.save(model)``. The copy
-carries inert hooks, which remove themselves at its first forward: it is not monitored, and the
+carries inert hooks, which remove themselves at its first forward, and no watch on its call (which
+``Module.__getstate__`` leaves out): it is not monitored, and the
 Monitor with its open run store is neither copied nor pickled. The original goes on recording as
 before."""
 
@@ -52,7 +53,7 @@ def test_a_copy_of_a_monitored_model_is_a_plain_model(
     make_copy: Callable[[nn.Module], nn.Module], at_step: int, tmp_path: Path, quiet: dict[str, Any]
 ) -> None:
     """At step 0 the per-module hooks are attached too (it gives the forward order); at step 3
-    (activation_every=5) only the model's own hook is."""
+    (activation_every=5) only the watch on the model's own call is (a CallWatch)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -73,7 +74,9 @@ def test_a_copy_of_a_monitored_model_is_a_plain_model(
         assert mon.steps_recorded == at_step
         # its inert hooks removed themselves in that forward: a plain model takes the fast call path
         assert not any(m._forward_hooks for m in twin.modules())
-        assert any(m._forward_hooks for m in model.modules())
+        # and the watch on the model's own call (from step 1 on) is not copied at all
+        assert all(m._compiled_call_impl is None for m in twin.modules())
+        assert any(m._forward_hooks for m in model.modules()) or model._compiled_call_impl is not None
 
         _train(model, opt, mon, 7, seed=1)
     run = gradscope.load(tmp_path / "run")
