@@ -2,8 +2,11 @@
 
 For each workload, identical copies of the model train in interleaved blocks of steps — bare, the
 hand-written floor (one batched ``torch._foreach_norm`` of all gradients and one host copy per step),
-gradscope's default configuration, and gradscope collecting everything every step — so machine
-drift cancels.
+gradscope's default configuration (twice, on two copies), and gradscope collecting everything
+every step — so machine drift cancels. The order of the variants rotates from round to round, so
+that none runs right after itself with a warm cache. The two copies of the default differ only in
+where their tensors sit in memory: the gap between them is how finely the benchmark can tell two
+configurations apart (up to a point on the 0.6 ms MLP).
 
 gradscope's default samples activations and updates four times as often in a run's first 1,000
 steps as after them (``gradscope.collect.cadence``). Every copy first trains past those steps
@@ -130,8 +133,11 @@ class _Loop:
         self.batch = workload.batch
         self.variant = variant
         self.monitor: gradscope.Monitor | None = None
-        if variant == "default":
-            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "default")
+        if variant in ("default", "default_copy"):
+            # default_copy: the same configuration on a second copy of the model. How far it lands from
+            # "default" is the benchmark's resolution: each copy's tensors sit at their own addresses,
+            # and that alone moves a copy's time by up to a point on the 0.6 ms MLP.
+            self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant)
         elif variant == "everything":
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / "everything", activation_every=1)
         elif variant == "without_live_detection":
@@ -146,8 +152,9 @@ class _Loop:
                 update_every=DEFAULT_UPDATES.early_every,
             )
         elif variant == "without_model_hook":
-            # What the model's forward hook costs: the default with that hook taken off (the input batch
-            # and output are then never checked). A measurement only; gradscope has no such setting.
+            # What the model's forward hook costs: the default with that hook taken off before step 0, so
+            # that no watch takes over from it either (the input batch and output are then never
+            # checked). A measurement only; gradscope has no such setting.
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant)
             for handle in self.monitor._handles:
                 handle.remove()
@@ -197,13 +204,14 @@ class _Loop:
                 self.peer.close()
 
 
-VARIANTS = ("bare", "floor", "default", "default_early", "everything")
+VARIANTS = ("bare", "floor", "default", "default_copy", "default_early", "everything")
 REFERENCES = ("per_param_item", "histograms")  # hand-written alternatives, with --references
 BREAKDOWN = ("per_step_only",)  # the default's per-step part alone, with --breakdown
 WHAT_IF = ("without_live_detection", "without_model_hook")  # the default's parts, with --what-if
 _HEADERS = {
     "floor": "hand-written floor",
     "default": "gradscope default",
+    "default_copy": "gradscope default, a second copy",
     "default_early": "gradscope default, first 1,000 steps",
     "everything": "gradscope everything",
     "per_step_only": "gradscope per-step part only",
@@ -246,8 +254,12 @@ def measure(
             for _ in range(math.ceil(warmup / steps_per_block)):  # block by block: the batches are made up front
                 loop.run(steps_per_block, g)
         times: dict[str, list[float]] = {v: [] for v in variants}
-        for block in range(blocks):
-            order = variants if block % 2 == 0 else tuple(reversed(variants))  # cancel order effects
+        order = list(variants)
+        for _ in range(blocks):
+            # Rotated each round: every variant runs in every position, and never right after itself.
+            # (Alternately reversed, the first and last variants each ran twice in a row every other
+            # round, their first step warm from the block before, which favoured the bare loop.)
+            order = order[1:] + order[:1]
             for v in order:
                 times[v].append(loops[v].run(steps_per_block, g))
         for loop in loops.values():

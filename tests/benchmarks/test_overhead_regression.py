@@ -9,6 +9,7 @@ costs multiples, not percent.
 
 from __future__ import annotations
 
+import itertools
 import random
 import tempfile
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_the_hand_written_references_are_timed_and_shown_beside_gradscope() -> N
 
 def test_the_gap_to_the_floor_is_given_per_round_with_a_confidence_interval() -> None:
     result = overhead.measure(overhead.WORKLOADS[0], blocks=8, steps_per_block=5, warmup=5)
-    assert set(result.above_floor) == {"default", "default_early", "everything"}  # every variant but the floor itself
+    assert set(result.above_floor) == {"default", "default_copy", "default_early", "everything"}  # all but the floor
     for median, lo, hi in result.above_floor.values():
         assert lo <= median <= hi
     table = overhead.render([result])
@@ -118,6 +119,25 @@ def test_medians_are_taken_over_periods_that_hold_every_sample(monkeypatch: pyte
     # blocks: 600 steps, three samples, in each of two periods)
     uneven = overhead.measure(overhead.WORKLOADS[0], blocks=40, steps_per_block=30, warmup=0, variants=("bare", "default"))
     assert uneven.ratios["default"][1] == uneven.ratios["default"][2]
+
+
+def test_the_variants_rotate_so_that_none_runs_right_after_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variant that runs twice in a row starts its second block with a warm cache: alternately
+    reversed, the bare loop did so every other round."""
+    sequence: list[str] = []
+
+    def run(self: overhead._Loop, steps: int, g: torch.Generator) -> float:
+        sequence.append(self.variant)
+        return 1.0
+
+    monkeypatch.setattr(overhead._Loop, "run", run)
+    variants = ("bare", "floor", "default", "everything")
+    overhead.measure(overhead.WORKLOADS[0], blocks=8, steps_per_block=5, warmup=0, variants=variants)
+    assert all(a != b for a, b in itertools.pairwise(sequence)), sequence
+    rounds = [sequence[i : i + 4] for i in range(0, 32, 4)]
+    assert all(sorted(r) == sorted(variants) for r in rounds)
+    for position in range(4):  # each variant in each position equally often
+        assert sorted(r[position] for r in rounds) == sorted(variants * 2)
 
 
 def test_the_median_interval_is_the_order_statistics_of_the_binomial_table() -> None:
