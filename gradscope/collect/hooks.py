@@ -93,10 +93,10 @@ def watch_calls(module: nn.Module, hook: Callable[[nn.Module, tuple[Any, ...], A
       its replicas, which would run the original module's call. (With one device it replicates
       nothing.)
 
-    ``torch.compile`` traces ``_call_impl`` directly and so never runs the watch, and
-    ``module.compile()`` replaces it: the caller notices a training forward the watch did not see
-    and moves to a forward hook. Copies drop the watch (``Module.__getstate__`` leaves
-    ``_compiled_call_impl`` out of ``copy.deepcopy`` and ``pickle``), so a copy is a plain module.
+    ``module.compile()`` replaces the watch, and ``torch.compile(module)`` calls ``forward`` around
+    it for PyTorch's own module classes (a class of the user's it traces through the watch): the
+    Monitor notices a step whose model call the watch did not see and moves to a forward hook.
+    Copies keep no watch (see :class:`CallWatch`).
     """
     if not _can_watch(module):
         return None
@@ -104,37 +104,60 @@ def watch_calls(module: nn.Module, hook: Callable[[nn.Module, tuple[Any, ...], A
 
 
 class CallWatch:
-    """The handle of :func:`watch_calls`: ``remove()`` puts the module's call back as it was, and
-    ``active`` says whether the watch is still in place (``module.compile()`` replaces it)."""
+    """The watch :func:`watch_calls` puts in a module's ``_compiled_call_impl``, and its handle.
 
-    __slots__ = ("_call", "_module")
+    Calling it calls the module's own ``_call_impl`` (PyTorch's fast path while the module has no
+    hook), then ``hook``, and counts the call in ``calls`` (the Monitor resets it each step: a step
+    with none means the model ran without the watch). ``remove()`` puts the module's call back as it
+    was; ``active`` says whether the watch is still in place (``module.compile()`` replaces it).
+
+    A copy of the module keeps no watch, however it is made: ``nn.Module.__getstate__`` leaves it
+    out, and where a class copies its ``__dict__`` another way (``LightningModule.__getstate__``, a
+    parametrized module's ``__deepcopy__``) the watch copies and pickles as ``None``, so the copy is
+    a plain module rather than one that runs the original's call. (``nn.DataParallel``, which copies
+    the ``__dict__`` as it is, is ruled out by :func:`watch_calls`.)
+    """
+
+    __slots__ = ("_call", "_hook", "_module", "calls")
 
     def __init__(self, module: nn.Module, hook: Callable[[nn.Module, tuple[Any, ...], Any], None]) -> None:
-        call = module._call_impl  # the module's own call path: PyTorch's fast one while it has no hook
-
-        def watched_call(*args: Any, **kwargs: Any) -> Any:
-            output = call(*args, **kwargs)
-            hook(module, args, output)
-            return output
-
-        self._call: Callable[..., Any] | None = watched_call
+        self._call: Callable[..., Any] = module._call_impl
+        self._hook: Callable[[nn.Module, tuple[Any, ...], Any], None] = hook
         self._module: nn.Module | None = module
-        module.__dict__["_compiled_call_impl"] = watched_call
+        self.calls = 0
+        module.__dict__["_compiled_call_impl"] = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        output = self._call(*args, **kwargs)
+        self._hook(self._module, args, output)  # type: ignore[arg-type]
+        return output
+
+    def __copy__(self) -> None:
+        return None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[type[None], tuple[()]]:  # type: ignore[override]
+        return (type(None), ())  # unpickles as None: the class's own, no watch
 
     @property
     def active(self) -> bool:
-        return self._module is not None and self._module.__dict__.get("_compiled_call_impl") is self._call
-
-    def is_watch(self, call: object) -> bool:
-        """Whether ``call`` (a module's ``_compiled_call_impl``) is this watch."""
-        return call is not None and call is self._call
+        return self._module is not None and self._module.__dict__.get("_compiled_call_impl") is self
 
     def remove(self) -> None:
-        """Take the watch off its module, if it is still there. Safe to call twice."""
+        """Take the watch off its module, if it is still there, and let go of the hook (and so of
+        the Monitor). Safe to call twice."""
         if self.active:
             assert self._module is not None
             del self._module.__dict__["_compiled_call_impl"]  # back to the class's None
-        self._call = self._module = None
+        self._hook = _no_hook
+        self._module = None
+
+
+def _no_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    return None
 
 
 def _can_watch(module: nn.Module) -> bool:

@@ -354,7 +354,8 @@ class Monitor:
         self._call_watch: CallWatch | None = None
         self._model_forward_seen = False  # the model hook saw a training forward since the last step()
         self._first_forward_eager = False  # step 0's training forward ran the model hook outside a compiled graph
-        self._model_forward_expected = False  # step 0's forward ran the model hook: every step's should
+        self._hook_on_trial = False  # the hook took over from a watch that saw no call: is it seen?
+        self._watch_saw_calls = False  # the watch saw a training forward in the last step recorded
         self._model_hook_silence_reported = False
         self._module_handles: list[RemovableHandle] = []
         self._optimizer_handles: list[RemovableHandle] = []
@@ -574,37 +575,45 @@ class Monitor:
         self._model_handle = self._call_watch = watch
 
     def _model_forward_missed(self) -> bool:
-        """No training forward of the model ran its hook (or watch) since the last step(), where step
-        0's did: this step's input batch and output are stored as not checked, never as finite.
+        """No training forward of the model reached its hook or watch since the last step(): the
+        step's input batch and output are stored as not checked, never as finite. A step that only
+        evaluated, a loop that calls the model's submodules or ``.forward()``, or a model now run
+        compiled around the watch.
 
-        Under a watch, the model now runs compiled: ``torch.compile`` traces ``_call_impl`` around
-        the watch, and ``model.compile()`` replaces it. A forward hook takes over from the next
-        forward; an in-place compile picks it up. A graph ``torch.compile(model)`` compiled without
-        it does not (``torch._dynamo.config.skip_nnmodule_hook_guards``), nor can anything else that
-        calls the model's ``forward`` without its hooks: True then, to warn (once), as every later
-        step's input and output go unchecked."""
+        A watch that saw no call of the model at all, or was replaced (``model.compile()``), gives
+        way to a forward hook, which a compiled graph runs too. ``torch.compile(model)`` of one of
+        PyTorch's own module classes, though, does not run a hook added after it compiled
+        (``torch._dynamo.config.skip_nnmodule_hook_guards``): True when the hook, on trial after
+        such a switch, is not seen either, to warn once that the checks are off."""
         self._held_forward = None
         self._io_unseen = 3  # neither the input batch nor the output found: not checked
         watch = self._call_watch
         if watch is not None:
+            if watch.active and watch.calls:
+                return False  # the model ran through the watch, in evaluation only
             assert self._model is not None
             self._handles.remove(watch)
             watch.remove()
             self._call_watch = None
             self._model_handle = self._model.register_forward_hook(CopySafeHook(self._model_hook))
             self._handles.append(self._model_handle)
+            # A model trained through the watch at the step before, and not called now, is likely
+            # compiled around it: if the hook is not seen at the next step either, that is warned.
+            self._hook_on_trial = self._watch_saw_calls
             return False
-        return not self._model_hook_silence_reported
+        if self._hook_on_trial:
+            self._hook_on_trial = False
+            return not self._model_hook_silence_reported
+        return False
 
     def _report_silent_model_hook(self, step: int) -> None:
         self._model_hook_silence_reported = True
         warnings.warn(
-            f"gradscope: no training forward ran the model's forward hook before step {step} was recorded, as one did at "
-            "step 0, so its input batch and output are stored as not checked for NaN/Inf, and will be while this lasts. "
-            "A model compiled with torch.compile after its first steps does not run hooks added since "
-            "(torch._dynamo.config.skip_nnmodule_hook_guards): compile it before its first step with the Monitor. A loop "
-            "that calls model.forward() or the model's submodules instead of the model skips the hook too. Losses, "
-            "gradients and updates are recorded either way",
+            f"gradscope: no training forward reached the model's hook at steps {step - 1} and {step}, where one did "
+            "before, so their input batch and output are stored as not checked for NaN/Inf, and will be while this "
+            "lasts. A model compiled with torch.compile after its first steps runs around gradscope's hook: compile it "
+            "before its first step with the Monitor. (A loop that calls model.forward() or the model's submodules "
+            "instead of the model skips it too.) Losses, gradients and updates are recorded either way",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -617,6 +626,7 @@ class Monitor:
         for model_handle in self._handles:
             model_handle.remove()
         self._handles.clear()
+        self._model_handle = self._call_watch = None  # a watch holds the model's call
 
     # Hooks on every watched module run only on the steps that need them (sampled steps, or every
     # step with check_outputs=True): a module with no hook takes PyTorch's fast call path, so the
@@ -856,9 +866,7 @@ class Monitor:
             if step - self._base >= self.flush_every or (step > self._base and now >= self._flush_deadline):
                 self._flush(upto=step)
             row = step - self._base
-            silent_model = (
-                self._model_forward_expected and not self._model_forward_seen and self._model_forward_missed()
-            )
+            silent_model = not self._model_forward_seen and self._model_forward_missed()
             grad_was_enabled = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() at a fifth of its cost, on every step
             try:
@@ -895,10 +903,13 @@ class Monitor:
             self._io_sums.clear()
         self._io_unseen = 0
         self._step = step = step + 1
-        if self._first_step:
-            self._model_forward_expected = self._model_forward_seen
-            if self._first_forward_eager:
-                self._watch_model_calls()
+        if self._model_forward_seen:
+            self._hook_on_trial = False
+        if self._call_watch is not None:
+            self._watch_saw_calls = self._model_forward_seen
+            self._call_watch.calls = 0
+        elif self._first_step and self._first_forward_eager:
+            self._watch_model_calls()
         self._model_forward_seen = False
         self._first_step = False
         self._forward_since_step = False
@@ -936,10 +947,8 @@ class Monitor:
             return False
         if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             return True
-        watch = self._call_watch
         return any(
-            (call := getattr(module, "_compiled_call_impl", None)) is not None
-            and not (watch is not None and watch.is_watch(call))
+            (call := getattr(module, "_compiled_call_impl", None)) is not None and not isinstance(call, CallWatch)
             for module in model.modules()
         )
 

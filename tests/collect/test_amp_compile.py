@@ -229,6 +229,10 @@ def test_a_compiled_model_records_what_the_eager_one_does(how: str, backend: str
     for metric in ("grad_norm", "update_norm", "act_mean", "act_dead_frac"):
         np.testing.assert_allclose(compiled_run.metric(metric).to_numpy(), eager.metric(metric).to_numpy(), rtol=1e-5)
     assert compiled_run.metric("act_mean").notna().all(axis=1).sum() == 5  # steps 0, 2, 4, 6, 8
+    # the model's hook runs compiled in, and its checks are stored as the eager model's watch stores them
+    flags = compiled_run.metric("output_nonfinite")
+    np.testing.assert_array_equal(flags.to_numpy(), eager.metric("output_nonfinite").to_numpy())  # NaN: not checked
+    assert flags[["(input)", "(output)"]].iloc[::2].notna().all().all()  # checked on the sampled steps
     np.testing.assert_allclose(compiled_run.loss, eager.loss, rtol=1e-6)
 
 

@@ -5,7 +5,10 @@ back to a forward hook without losing more than the one step it missed."""
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -95,41 +98,178 @@ def test_where_the_watch_is_not_safe_the_forward_hook_stays(
     assert flags["(input)"].iloc[2] == 1.0
 
 
-@pytest.mark.parametrize("how", ["model.compile()", "torch.compile(model)"])
-def test_a_model_compiled_mid_run_is_never_read_as_checked_when_the_watch_cannot_see_it(
-    how: str, quiet: dict[str, Any]
+class _Net(nn.Module):
+    """A model class of the user's: torch.compile traces its call through the watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    ("make_model", "how", "checked_after"),
+    [
+        (_model, "model.compile()", True),
+        (_model, "torch.compile(model)", False),
+        (_Net, "model.compile()", True),
+        (_Net, "torch.compile(model)", True),
+    ],
+    ids=["Sequential-in-place", "Sequential-wrapped", "own-class-in-place", "own-class-wrapped"],
+)
+def test_a_model_compiled_mid_run_is_never_read_as_checked_when_nothing_checked_it(
+    make_model: Callable[[], nn.Module], how: str, checked_after: bool, quiet: dict[str, Any]
 ) -> None:
-    """model.compile() replaces the watch and torch.compile traces the module's call around it: the
-    step after the switch finds no forward seen and stores its input and output as not checked,
-    never as finite, and a forward hook takes over. An in-place compile runs it; a graph
-    torch.compile compiled without it does not (dynamo skips hook guards on the module it
-    compiles), which is warned once, the later steps also stored as not checked."""
+    """Compiled after its first steps, the model runs without the watch where model.compile()
+    replaces it, and where torch.compile calls forward around it (PyTorch's own module classes; a
+    class of the user's is traced through it, and stays checked). The step that finds no call
+    stores its input and output as not checked, never as finite, and a forward hook takes over: an
+    in-place compile runs it, a torch.compile graph compiled without it does not, which is warned
+    once, the later steps also stored as not checked."""
     torch._dynamo.reset()
-    model = _model()
+    model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
-        for _ in range(3):
-            _step(model, opt, mon, nan=False)
-        assert mon._call_watch is not None
-        forward: Callable[[torch.Tensor], torch.Tensor] = model
-        if how == "torch.compile(model)":
-            forward = torch.compile(model, backend="aot_eager")
-        else:
-            model.compile(backend="aot_eager")
-        _step(forward, opt, mon, nan=True)  # step 3: compiled, unseen by the watch
-        assert mon._call_watch is None and model._forward_hooks
-        if how == "torch.compile(model)":
-            with pytest.warns(RuntimeWarning, match="compile it before its first step"):
-                _step(forward, opt, mon, nan=False)  # step 4: the hook did not run either
-        else:
-            _step(forward, opt, mon, nan=False)
-        _step(forward, opt, mon, nan=True)
-        flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
-        assert mon.steps_recorded == 6
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+            for _ in range(3):
+                _step(model, opt, mon, nan=False)
+            assert mon._call_watch is not None
+            forward: Callable[[torch.Tensor], torch.Tensor] = model
+            if how == "torch.compile(model)":
+                forward = torch.compile(model, backend="aot_eager")
+            else:
+                model.compile(backend="aot_eager")
+            for nan in (True, False, True):  # steps 3 to 5; the NaN weights of step 3 make every later loss NaN
+                _step(forward, opt, mon, nan)
+            flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+    silence = [w for w in caught if "no training forward reached the model's hook" in str(w.message)]
+    if make_model is _Net and how == "torch.compile(model)":
+        assert mon._call_watch is None and not silence  # closed; it stayed on throughout
+        assert flags.iloc[3:].to_numpy().tolist() == [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]
+        return
     assert flags.iloc[3].isna().all()  # the NaN batch of step 3: not checked, never "finite"
-    if how == "model.compile()":
-        assert flags.iloc[5].tolist() == [1.0, 1.0]  # the hook, compiled in, finds the next one
+    if checked_after:
+        assert flags.iloc[4:].to_numpy().tolist() == [[0.0, 1.0], [1.0, 1.0]] and not silence
         assert "_compiled_call_impl" in vars(model)  # close() leaves the user's compile alone
     else:
         assert flags.iloc[4:].isna().all().all()
+        assert len(silence) == 1 and "steps 3 and 4" in str(silence[0].message)
         assert "_compiled_call_impl" not in vars(model)
+
+
+def test_a_step_without_a_training_forward_is_stored_as_not_checked(quiet: dict[str, Any]) -> None:
+    """Not as finite: nothing was checked. An evaluation-only step keeps the watch; a step with no
+    call of the model at all gives way to a forward hook, silently, which checks from the next
+    forward on."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all
+        with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+            _step(model, opt, mon, nan=False)  # step 0
+            _step(model, opt, mon, nan=True)  # step 1: watched, the NaN batch found
+            with torch.no_grad():
+                model(torch.full((8, 4), math.nan))
+            mon.step(1.0)  # step 2: evaluation only
+            assert mon._call_watch is not None
+            mon.step(1.0)  # step 3: no call at all
+            assert mon._call_watch is None and model._forward_hooks
+            mon.step(1.0)  # step 4: none either; step 2 trained nothing through the watch, so no warning
+            opt.zero_grad()
+            x = torch.randn(8, 4)
+            x[0] = math.nan
+            model(x).sum().backward()
+            mon.step(math.nan)  # step 5: the hook checks it
+            flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+    assert flags.iloc[1].tolist() == [1.0, 1.0] and flags.iloc[5].tolist() == [1.0, 1.0]
+    assert flags.iloc[2:5].isna().all().all()
+
+
+def test_a_loop_that_never_calls_the_model_itself_stores_its_input_as_not_checked(quiet: dict[str, Any]) -> None:
+    """A training step that calls the model's submodules (as a LightningModule's training_step may)
+    never reaches the model's hook: its input and output were stored as finite; they are not checked."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+            for _ in range(3):
+                opt.zero_grad()
+                loss = model[2](model[1](model[0](torch.full((8, 4), math.nan)))).sum()
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+            assert mon._call_watch is None
+            flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+    assert flags.isna().all().all()
+
+
+class _StateDictCopy(nn.Sequential):
+    """A class that copies its __dict__ itself, as LightningModule.__getstate__ does."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _parametrized() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    torch.nn.utils.parametrize.register_parametrization(model, "weight", _Identity())
+    return model
+
+
+class _Identity(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+
+def _pickled(model: nn.Module) -> nn.Module:
+    """A round trip through pickle, as torch.save(model) makes."""
+    copied: nn.Module = pickle.loads(pickle.dumps(model))
+    return copied
+
+
+def _own_getstate() -> nn.Module:
+    torch.manual_seed(0)
+    return _StateDictCopy(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize(
+    ("make_model", "copy_model"),
+    [
+        (_own_getstate, copy.deepcopy),
+        (_own_getstate, copy.copy),
+        (_own_getstate, _pickled),
+        (_parametrized, copy.deepcopy),  # (torch refuses to pickle a parametrized module)
+    ],
+    ids=["own-__getstate__-deepcopy", "own-__getstate__-copy", "own-__getstate__-pickle", "parametrized-deepcopy"],
+)
+def test_a_copy_made_past_module_getstate_keeps_no_watch(
+    make_model: Callable[[], nn.Module], copy_model: Callable[[nn.Module], nn.Module], quiet: dict[str, Any]
+) -> None:
+    """The watch copies and pickles as None, so such a copy runs its own weights, not the
+    original's, and the Monitor sees none of its forwards."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+        for _ in range(2):
+            _step(model, opt, mon, nan=False)
+        assert isinstance(vars(model).get("_compiled_call_impl"), CallWatch)
+        twin = copy_model(model)
+        if copy_model is copy.copy:  # shares the original's parameters: the original's call is its own
+            assert twin._compiled_call_impl is None or twin(torch.zeros(1, 4)).shape == (1, 2)
+        else:
+            assert twin._compiled_call_impl is None
+            with torch.no_grad():
+                for p in twin.parameters():
+                    p.add_(1.0)
+            x = torch.randn(3, 4)
+            assert not torch.allclose(twin(x), model(x))
+            twin(torch.full((8, 4), math.nan)).sum().backward()  # a training forward of the copy
+            _step(model, opt, mon, nan=False)
+            flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+            assert not (flags == 1.0).any().any()  # the copy's NaN batch was not seen

@@ -76,7 +76,10 @@ def test_a_copy_of_a_monitored_model_is_a_plain_model(
         assert not any(m._forward_hooks for m in twin.modules())
         # and the watch on the model's own call (from step 1 on) is not copied at all
         assert all(m._compiled_call_impl is None for m in twin.modules())
-        assert any(m._forward_hooks for m in model.modules()) or model._compiled_call_impl is not None
+        if at_step == 0:
+            assert model._forward_hooks and model._compiled_call_impl is None  # step 0: the model's hook
+        else:
+            assert not model._forward_hooks and model._compiled_call_impl is mon._call_watch is not None  # then the watch
 
         _train(model, opt, mon, 7, seed=1)
     run = gradscope.load(tmp_path / "run")
