@@ -82,20 +82,23 @@ def watch_calls(module: nn.Module, hook: Callable[[nn.Module, tuple[Any, ...], A
     Why: a module with any forward hook takes PyTorch's general call path on every call, which on
     the CPU costs ~4 µs more per call than the path of a module without one, nearly a point of a
     0.6 ms training step. ``Module.__call__`` first looks for a per-instance ``_compiled_call_impl``
-    (what ``module.compile()`` sets); this puts a function there that calls the module's own
-    ``_call_impl``, which takes the fast path while the module has no hook, then ``hook``.
+    (what ``module.compile()`` sets); this puts a :class:`CallWatch` there, which calls the
+    module's own ``_call_impl``, which takes the fast path while the module has no hook, then
+    ``hook``.
 
     Not safe, so None:
     - a torch whose ``Module.__call__`` is not built that way, or a class that overrides
       ``__call__`` (``torch.compile``'s wrapper does);
     - a module already compiled in place (``module.compile()``);
+    - a module with hooks of its own, or global module hooks: it takes PyTorch's general call path
+      anyway, and a forward pre-hook may change the input a forward hook would see;
     - a machine with two accelerators or more: ``nn.DataParallel`` copies a module's attributes into
       its replicas, which would run the original module's call. (With one device it replicates
       nothing.)
 
     ``module.compile()`` replaces the watch, and ``torch.compile(module)`` calls ``forward`` around
     it for PyTorch's own module classes (a class of the user's it traces through the watch): the
-    Monitor notices a step whose model call the watch did not see and moves to a forward hook.
+    Monitor notices a step whose training forward the watch did not see and moves to a forward hook.
     Copies keep no watch (see :class:`CallWatch`).
     """
     if not _can_watch(module):
@@ -107,28 +110,27 @@ class CallWatch:
     """The watch :func:`watch_calls` puts in a module's ``_compiled_call_impl``, and its handle.
 
     Calling it calls the module's own ``_call_impl`` (PyTorch's fast path while the module has no
-    hook), then ``hook``, and counts the call in ``calls`` (the Monitor resets it each step: a step
-    with none means the model ran without the watch). ``remove()`` puts the module's call back as it
-    was; ``active`` says whether the watch is still in place (``module.compile()`` replaces it).
+    hook), then ``hook``. ``remove()`` puts the module's call back as it was; ``active`` says
+    whether the watch is still in place (``module.compile()`` replaces it).
 
     A copy of the module keeps no watch, however it is made: ``nn.Module.__getstate__`` leaves it
     out, and where a class copies its ``__dict__`` another way (``LightningModule.__getstate__``, a
     parametrized module's ``__deepcopy__``) the watch copies and pickles as ``None``, so the copy is
-    a plain module rather than one that runs the original's call. (``nn.DataParallel``, which copies
-    the ``__dict__`` as it is, is ruled out by :func:`watch_calls`.)
+    a plain module rather than one that runs the original's call. A shallow copy (``copy.copy``) of
+    such a class shares the original's submodules and parameters, and its watch too: its calls are
+    the original's. (``nn.DataParallel``, whose replicas copy the ``__dict__`` as it is, is ruled
+    out by :func:`watch_calls`.)
     """
 
-    __slots__ = ("_call", "_hook", "_module", "calls")
+    __slots__ = ("_call", "_hook", "_module")
 
     def __init__(self, module: nn.Module, hook: Callable[[nn.Module, tuple[Any, ...], Any], None]) -> None:
         self._call: Callable[..., Any] = module._call_impl
         self._hook: Callable[[nn.Module, tuple[Any, ...], Any], None] = hook
         self._module: nn.Module | None = module
-        self.calls = 0
         module.__dict__["_compiled_call_impl"] = self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
         output = self._call(*args, **kwargs)
         self._hook(self._module, args, output)  # type: ignore[arg-type]
         return output
@@ -168,6 +170,8 @@ def _can_watch(module: nn.Module) -> bool:
         return False
     if module.__dict__.get("_compiled_call_impl") is not None:
         return False  # compiled in place
+    if _has_hooks(module):
+        return False  # PyTorch's general call path anyway, and a pre-hook may change the input the hook sees
     return _accelerator_count() < 2
 
 
@@ -179,3 +183,10 @@ def _accelerator_count() -> int:
         return int(torch.cuda.device_count())
     except Exception:  # a driver that cannot be asked: assume replicas are possible
         return 2
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as module_globals
+
+    own = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    return bool(own or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)

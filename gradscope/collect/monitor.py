@@ -348,14 +348,15 @@ class Monitor:
         writes = self._dist is None or self._dist.is_writer
         self._writer = RunWriter(log_dir if writes else None, overwrite=overwrite)
         self._handles: list[RemovableHandle | CallWatch] = []
-        # The model's own forward is watched by a hook at step 0, then, if that forward ran eagerly,
-        # by a CallWatch, which costs a fraction of a hook on every call (see _watch_model_calls).
+        # The model's own forward is watched by a forward hook until a step's training forward runs it
+        # eagerly, then by a CallWatch, which costs a fraction of a hook on every call (see
+        # _watch_model_calls); back on the hook whenever a step's forward misses the watch.
         self._model_handle: RemovableHandle | CallWatch | None = None
         self._call_watch: CallWatch | None = None
+        self._watch_wanted = True  # on the hook, and a watch may take over (False under a watch, or where unsafe)
+        self._eager_forward_seen = False  # the hook's last training forward ran outside a compiled graph
         self._model_forward_seen = False  # the model hook saw a training forward since the last step()
-        self._first_forward_eager = False  # step 0's training forward ran the model hook outside a compiled graph
-        self._hook_on_trial = False  # the hook took over from a watch that saw no call: is it seen?
-        self._watch_saw_calls = False  # the watch saw a training forward in the last step recorded
+        self._hook_trial_step = -1  # the step whose forward must reach the hook after the watch missed one
         self._model_hook_silence_reported = False
         self._module_handles: list[RemovableHandle] = []
         self._optimizer_handles: list[RemovableHandle] = []
@@ -560,58 +561,59 @@ class Monitor:
         self._update_optimizer_hooks()
 
     def _watch_model_calls(self) -> None:
-        """After step 0, whose forward ran eagerly: the model's forward hook gives way to a
-        :class:`CallWatch`, which runs the same hook at ~a fifth of its cost per forward. Not with a
-        GradScaler: a forward the watch missed would misread the scaler's stage (see
-        _note_scale_version)."""
-        if self._model is None or self._grad_scaler is not None or self._model_handle is None:
+        """After a step whose training forward ran the model's hook eagerly: the hook gives way to a
+        :class:`CallWatch`, which runs the same checks at ~a fifth of its cost per forward. Never with
+        a GradScaler (a forward the watch missed would misread the scaler's stage: see
+        _note_scale_version), nor where :func:`watch_calls` finds it unsafe: the hook then stays."""
+        model, handle = self._model, self._model_handle
+        if model is None or handle is None or self._grad_scaler is not None:
+            self._watch_wanted = False
             return
-        watch = watch_calls(self._model, self._model_hook)
+        self._handles.remove(handle)
+        handle.remove()  # first: watch_calls wants a module without hooks
+        watch = watch_calls(model, self._model_hook)
         if watch is None:
-            return  # not safe here: the hook stays
-        self._handles.remove(self._model_handle)
-        self._model_handle.remove()
+            self._watch_wanted = False
+            self._model_handle = model.register_forward_hook(CopySafeHook(self._model_hook))
+            self._handles.append(self._model_handle)
+            return
         self._handles.append(watch)
         self._model_handle = self._call_watch = watch
+        self._watch_wanted = False
 
-    def _model_forward_missed(self) -> bool:
+    def _model_forward_missed(self, step: int) -> bool:
         """No training forward of the model reached its hook or watch since the last step(): the
         step's input batch and output are stored as not checked, never as finite. A step that only
         evaluated, a loop that calls the model's submodules or ``.forward()``, or a model now run
-        compiled around the watch.
+        compiled around the watch (``model.compile()`` replaces it; ``torch.compile(model)`` calls
+        ``forward`` around it for PyTorch's own module classes).
 
-        A watch that saw no call of the model at all, or was replaced (``model.compile()``), gives
-        way to a forward hook, which a compiled graph runs too. ``torch.compile(model)`` of one of
-        PyTorch's own module classes, though, does not run a hook added after it compiled
-        (``torch._dynamo.config.skip_nnmodule_hook_guards``): True when the hook, on trial after
-        such a switch, is not seen either, to warn once that the checks are off."""
+        Under a watch, a forward hook takes over, which a compiled graph runs too, and the watch
+        comes back at the next step whose forward runs the hook eagerly. A graph
+        ``torch.compile(model)`` compiled without the hook does not run it either
+        (``torch._dynamo.config.skip_nnmodule_hook_guards``): True when the next step's forward
+        misses the hook too, to warn once that the checks are off."""
         self._held_forward = None
         self._io_unseen = 3  # neither the input batch nor the output found: not checked
         watch = self._call_watch
         if watch is not None:
-            if watch.active and watch.calls:
-                return False  # the model ran through the watch, in evaluation only
             assert self._model is not None
             self._handles.remove(watch)
             watch.remove()
             self._call_watch = None
             self._model_handle = self._model.register_forward_hook(CopySafeHook(self._model_hook))
             self._handles.append(self._model_handle)
-            # A model trained through the watch at the step before, and not called now, is likely
-            # compiled around it: if the hook is not seen at the next step either, that is warned.
-            self._hook_on_trial = self._watch_saw_calls
+            self._watch_wanted = True
+            self._hook_trial_step = step + 1
             return False
-        if self._hook_on_trial:
-            self._hook_on_trial = False
-            return not self._model_hook_silence_reported
-        return False
+        return step == self._hook_trial_step and not self._model_hook_silence_reported
 
     def _report_silent_model_hook(self, step: int) -> None:
         self._model_hook_silence_reported = True
         warnings.warn(
             f"gradscope: no training forward reached the model's hook at steps {step - 1} and {step}, where one did "
-            "before, so their input batch and output are stored as not checked for NaN/Inf, and will be while this "
-            "lasts. A model compiled with torch.compile after its first steps runs around gradscope's hook: compile it "
+            "before, so their input batch and output are stored as not checked for NaN/Inf, and will be until one "
+            "does. A model compiled with torch.compile after its first steps can run without the hook: compile it "
             "before its first step with the Monitor. (A loop that calls model.forward() or the model's submodules "
             "instead of the model skips it too.) Losses, gradients and updates are recorded either way",
             RuntimeWarning,
@@ -680,8 +682,8 @@ class Monitor:
 
     def _model_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """After the model's forward: the input batch and the output, each checked for NaN/Inf. Run by
-        a forward hook at step 0, then, when that forward ran eagerly, by a CallWatch (see
-        _watch_model_calls).
+        a forward hook until a step's training forward runs it eagerly, then by a CallWatch (see
+        _watch_model_calls and _model_forward_missed).
 
         The input is the first tensor among the positional arguments. Keyword arguments are not
         looked at: PyTorch's keyword-aware hooks cost ~40 µs per forward on CPU, a tenth of a small
@@ -692,8 +694,8 @@ class Monitor:
         if not _training_forward():
             return
         self._forward_since_step = self._model_forward_seen = True
-        if self._first_step:
-            self._first_forward_eager = not torch.compiler.is_compiling()
+        if self._watch_wanted:
+            self._eager_forward_seen = not torch.compiler.is_compiling()
         if self._grad_scaler is not None:
             self._note_scale_version()
         if self._io_on_demand and not self._sampling and self._held_forward is None and module.training:
@@ -866,7 +868,7 @@ class Monitor:
             if step - self._base >= self.flush_every or (step > self._base and now >= self._flush_deadline):
                 self._flush(upto=step)
             row = step - self._base
-            silent_model = not self._model_forward_seen and self._model_forward_missed()
+            silent_model = not self._model_forward_seen and self._model_forward_missed(step)
             grad_was_enabled = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() at a fifth of its cost, on every step
             try:
@@ -903,12 +905,7 @@ class Monitor:
             self._io_sums.clear()
         self._io_unseen = 0
         self._step = step = step + 1
-        if self._model_forward_seen:
-            self._hook_on_trial = False
-        if self._call_watch is not None:
-            self._watch_saw_calls = self._model_forward_seen
-            self._call_watch.calls = 0
-        elif self._first_step and self._first_forward_eager:
+        if self._watch_wanted and self._model_forward_seen and self._eager_forward_seen:
             self._watch_model_calls()
         self._model_forward_seen = False
         self._first_step = False
@@ -991,6 +988,7 @@ class Monitor:
         self._io_sums.clear()
         self._io_unseen = 0
         self._held_forward = None
+        self._model_forward_seen = False  # a step() tried again with no new forward has nothing to check
 
     def _record_loss_gradients_and_outputs(self, row: int, loss: torch.Tensor | float | None) -> None:
         """The step's loss, gradient norms (with a GradScaler, divided by its scale while the
@@ -1125,6 +1123,8 @@ class Monitor:
             input_sum = observed_input.total  # sampled: its statistics hold the sum
         else:
             input_sum = self._io_sums.get(schema.INPUT_LAYER, self._zero)
+        if self._failed_hooks:  # a failed sum checked nothing
+            self._io_unseen |= (schema.INPUT_LAYER in self._failed_hooks) | (schema.OUTPUT_LAYER in self._failed_hooks) << 1
         if self._io_unseen & 1:
             self._input_unseen.append(row)
         if self._io_unseen & 2:

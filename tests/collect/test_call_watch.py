@@ -67,18 +67,25 @@ def _two_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
 
 
-def _own_call(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     pass
+
+
+def _with_pre_hook(model: nn.Module) -> nn.Module:
+    # a hook of the user's own: PyTorch's general call path anyway, and it may change the input
+    model.register_forward_pre_hook(lambda module, args: None)
+    return model
 
 
 @pytest.mark.parametrize(
     ("make_model", "setup", "monitor_args"),
     [
         (_model, _two_accelerators, {}),
-        (lambda: _OwnCall(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), _own_call, {}),
-        (_model, _own_call, {"grad_scaler": "scaler"}),
+        (lambda: _OwnCall(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), _no_setup, {}),
+        (_model, _no_setup, {"grad_scaler": "scaler"}),
+        (lambda: _with_pre_hook(_model()), _no_setup, {}),
     ],
-    ids=["two-accelerators", "class-with-own-__call__", "grad-scaler"],
+    ids=["two-accelerators", "class-with-own-__call__", "grad-scaler", "user-pre-hook"],
 )
 def test_where_the_watch_is_not_safe_the_forward_hook_stays(
     make_model: Callable[[], nn.Module], setup: Callable[[pytest.MonkeyPatch], None], monitor_args: dict[str, Any],
@@ -162,31 +169,36 @@ def test_a_model_compiled_mid_run_is_never_read_as_checked_when_nothing_checked_
 
 
 def test_a_step_without_a_training_forward_is_stored_as_not_checked(quiet: dict[str, Any]) -> None:
-    """Not as finite: nothing was checked. An evaluation-only step keeps the watch; a step with no
-    call of the model at all gives way to a forward hook, silently, which checks from the next
-    forward on."""
+    """Not as finite: nothing was checked. Such a step (evaluation only, or no call at all) hands
+    the model back to a forward hook, which checks the next forward and, that forward having run
+    eagerly, hands it to the watch again; no warning, as the next step's forward reached the hook."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def nan_step() -> None:
+        opt.zero_grad()
+        x = torch.randn(8, 4)
+        x[0] = math.nan
+        model(x).sum().backward()
+        mon.step(math.nan)
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all
         with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
-            _step(model, opt, mon, nan=False)  # step 0
-            _step(model, opt, mon, nan=True)  # step 1: watched, the NaN batch found
+            _step(model, opt, mon, nan=False)  # step 0: the hook, then the watch
+            nan_step()  # step 1: the watch finds the NaN batch
+            assert mon._call_watch is not None
             with torch.no_grad():
                 model(torch.full((8, 4), math.nan))
             mon.step(1.0)  # step 2: evaluation only
-            assert mon._call_watch is not None
-            mon.step(1.0)  # step 3: no call at all
             assert mon._call_watch is None and model._forward_hooks
-            mon.step(1.0)  # step 4: none either; step 2 trained nothing through the watch, so no warning
-            opt.zero_grad()
-            x = torch.randn(8, 4)
-            x[0] = math.nan
-            model(x).sum().backward()
-            mon.step(math.nan)  # step 5: the hook checks it
+            nan_step()  # step 3: the hook finds it, and gives way to the watch again
+            assert mon._call_watch is not None and not model._forward_hooks
+            mon.step(1.0)  # step 4: no call at all
+            nan_step()  # step 5: the hook again
             flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
-    assert flags.iloc[1].tolist() == [1.0, 1.0] and flags.iloc[5].tolist() == [1.0, 1.0]
-    assert flags.iloc[2:5].isna().all().all()
+    assert [flags.iloc[i].tolist() for i in (1, 3, 5)] == [[1.0, 1.0]] * 3
+    assert flags.iloc[[2, 4]].isna().all().all()
 
 
 def test_a_loop_that_never_calls_the_model_itself_stores_its_input_as_not_checked(quiet: dict[str, Any]) -> None:
@@ -273,3 +285,73 @@ def test_a_copy_made_past_module_getstate_keeps_no_watch(
             _step(model, opt, mon, nan=False)
             flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
             assert not (flags == 1.0).any().any()  # the copy's NaN batch was not seen
+
+
+def test_an_input_check_that_failed_is_stored_as_not_checked_from_then_on(
+    monkeypatch: pytest.MonkeyPatch, quiet: dict[str, Any]
+) -> None:
+    """A sum that raised is reported once and skipped from then on: the steps it would have checked
+    store "not checked", never the finite zero that stands in for a sum not taken."""
+    from gradscope.collect import monitor
+
+    def broken(total: Any, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(monitor, "_add_sum", broken)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(RuntimeWarning, match="injected"), gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+        for _ in range(3):
+            _step(model, opt, mon, nan=True)  # a NaN batch and loss: the sums are due every step
+        flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+    assert flags.isna().all().all()
+
+
+def test_compiled_right_after_step_0_the_model_is_not_checked_and_that_is_warned(quiet: dict[str, Any]) -> None:
+    """The watch takes over at the end of step 0; a torch.compile graph that then runs around it
+    (and around the hook that replaces it) is noticed at steps 1 and 2."""
+    torch._dynamo.reset()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+        _step(model, opt, mon, nan=False)
+        compiled = torch.compile(model, backend="aot_eager")
+        _step(compiled, opt, mon, nan=True)
+        with pytest.warns(RuntimeWarning, match="at steps 1 and 2"):
+            _step(compiled, opt, mon, nan=True)
+        flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+    assert flags.iloc[1:].isna().all().all()
+
+
+def test_a_step_tried_again_without_a_new_forward_checks_nothing(monkeypatch: pytest.MonkeyPatch, quiet: dict[str, Any]) -> None:
+    """step() failed midway (strict=True raises gradscope's own errors) and is called again: the
+    forward it saw went with the failed attempt, so the retry stores its input and output as not
+    checked, never as finite, and warns of nothing."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    read = gradscope.Monitor._read_gradient_norms
+    calls = iter(range(100))
+
+    def second_read_fails(self: gradscope.Monitor, out: Any, row: int) -> None:
+        if next(calls) == 1:
+            raise RuntimeError("injected")
+        read(self, out, row)
+
+    monkeypatch.setattr(gradscope.Monitor, "_read_gradient_norms", second_read_fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradscope.Monitor(model, opt, activation_every=0, strict=True, **quiet) as mon:
+            _step(model, opt, mon, nan=False)  # step 0
+            opt.zero_grad()
+            x = torch.randn(8, 4)
+            x[0] = math.nan
+            loss = model(x).sum()
+            loss.backward()
+            with pytest.raises(RuntimeError, match="injected"):
+                mon.step(loss)  # step 1 fails midway: not recorded
+            mon.step(loss)  # tried again, with no new forward
+            _step(model, opt, mon, nan=True)  # step 2
+            flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+    assert mon.steps_recorded == 3
+    assert flags.iloc[1].isna().all()
+    assert flags.iloc[2].tolist() == [1.0, 1.0]
