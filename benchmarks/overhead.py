@@ -29,8 +29,9 @@ Options:
 - ``--breakdown``: gradscope recording only what it records every step (no activation statistics,
   no update measurements, no live detection), which splits the default's cost into the per-step
   part and the sampled part.
-- ``--what-if``: the default without live detection, and without the model's forward hook (a
-  measurement only: gradscope has no such setting).
+- ``--what-if``: the default without live detection, and without the check on the model's input
+  and output (its hook taken off before step 0, so no watch takes over either; a measurement
+  only: gradscope has no such setting).
 - ``--peers``: the tools people use today, where installed (wandb, TensorBoard, torchmortem,
   Cockpit: see ``benchmarks/peers.py``), each in a run of its own.
 
@@ -216,7 +217,7 @@ _HEADERS = {
     "everything": "gradscope everything",
     "per_step_only": "gradscope per-step part only",
     "without_live_detection": "default without live detection",
-    "without_model_hook": "default without the model's forward hook",
+    "without_model_hook": "default without the model's hook",
     "per_param_item": "norm + .item() per parameter",
     "histograms": "histogram of every gradient",
     **peers.HEADERS,
