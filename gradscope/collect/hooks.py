@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 __all__ = ["CallWatch", "CopySafeHook", "InertHook", "watch_calls"]
 
@@ -186,7 +187,5 @@ def _accelerator_count() -> int:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    from torch.nn.modules import module as module_globals
-
     own = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
     return bool(own or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)

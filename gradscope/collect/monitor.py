@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_pre_hooks
 from torch.utils.hooks import RemovableHandle
 
 from gradscope._version import __version__
@@ -354,7 +355,9 @@ class Monitor:
         self._model_handle: RemovableHandle | CallWatch | None = None
         self._call_watch: CallWatch | None = None
         self._watch_wanted = True  # on the hook, and a watch may take over (False under a watch, or where unsafe)
-        self._eager_forward_seen = False  # the hook's last training forward ran outside a compiled graph
+        # On the hook: the step's training forwards ran it eagerly / inside a compiled graph. A watch
+        # takes over only after a step with eager forwards alone: a compiled one would run around it.
+        self._eager_forward_seen = self._compiled_forward_seen = False
         self._model_forward_seen = False  # the model hook saw a training forward since the last step()
         self._hook_trial_step = -1  # the step whose forward must reach the hook after the watch missed one
         self._model_hook_silence_reported = False
@@ -608,14 +611,23 @@ class Monitor:
             return False
         return step == self._hook_trial_step and not self._model_hook_silence_reported
 
+    def _model_gained_pre_hooks(self) -> bool:
+        """Under a watch: whether the model (or every module) got a forward pre-hook since it was
+        installed. A pre-hook may change the arguments, and the watch sees them as they were passed
+        where a forward hook sees them changed: that step is not checked, and the hook takes over
+        for good (:func:`watch_calls` refuses a module with hooks)."""
+        model = self._model
+        return model is not None and bool(model._forward_pre_hooks or _global_forward_pre_hooks)
+
     def _report_silent_model_hook(self, step: int) -> None:
         self._model_hook_silence_reported = True
         warnings.warn(
             f"gradscope: no training forward reached the model's hook at steps {step - 1} and {step}, where one did "
             "before, so their input batch and output are stored as not checked for NaN/Inf, and will be until one "
-            "does. A model compiled with torch.compile after its first steps can run without the hook: compile it "
-            "before its first step with the Monitor. (A loop that calls model.forward() or the model's submodules "
-            "instead of the model skips it too.) Losses, gradients and updates are recorded either way",
+            "does. If those steps trained the model, it ran without the hook: a model compiled with torch.compile after "
+            "its first steps can (compile it before its first step with the Monitor), and so does a loop that calls "
+            "model.forward() or the model's submodules instead of the model. Losses, gradients and updates are "
+            "recorded either way",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -695,7 +707,10 @@ class Monitor:
             return
         self._forward_since_step = self._model_forward_seen = True
         if self._watch_wanted:
-            self._eager_forward_seen = not torch.compiler.is_compiling()
+            if torch.compiler.is_compiling():
+                self._compiled_forward_seen = True
+            else:
+                self._eager_forward_seen = True
         if self._grad_scaler is not None:
             self._note_scale_version()
         if self._io_on_demand and not self._sampling and self._held_forward is None and module.training:
@@ -868,6 +883,8 @@ class Monitor:
             if step - self._base >= self.flush_every or (step > self._base and now >= self._flush_deadline):
                 self._flush(upto=step)
             row = step - self._base
+            if self._call_watch is not None and self._model_gained_pre_hooks():
+                self._model_forward_seen = False  # the watch saw the arguments before a pre-hook changed them
             silent_model = not self._model_forward_seen and self._model_forward_missed(step)
             grad_was_enabled = torch.is_grad_enabled()
             torch._C._set_grad_enabled(False)  # torch.no_grad() at a fifth of its cost, on every step
@@ -905,8 +922,12 @@ class Monitor:
             self._io_sums.clear()
         self._io_unseen = 0
         self._step = step = step + 1
-        if self._watch_wanted and self._model_forward_seen and self._eager_forward_seen:
-            self._watch_model_calls()
+        if self._watch_wanted:
+            if self._eager_forward_seen and not self._compiled_forward_seen:
+                self._watch_model_calls()
+            self._eager_forward_seen = self._compiled_forward_seen = False
+        elif self._model_hook_silence_reported and self._model_forward_seen:
+            self._model_hook_silence_reported = False  # the check is back: a later silence is warned again
         self._model_forward_seen = False
         self._first_step = False
         self._forward_since_step = False

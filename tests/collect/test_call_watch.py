@@ -355,3 +355,68 @@ def test_a_step_tried_again_without_a_new_forward_checks_nothing(monkeypatch: py
     assert mon.steps_recorded == 3
     assert flags.iloc[1].isna().all()
     assert flags.iloc[2].tolist() == [1.0, 1.0]
+
+
+def test_a_step_with_a_compiled_and_an_eager_forward_keeps_the_hook(quiet: dict[str, Any]) -> None:
+    """The main loss through torch.compile(model), an auxiliary one through the model itself: a
+    watch would see the eager call alone, so the hook stays, compiled in, and checks both."""
+    torch._dynamo.reset()
+    model = _model()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+        for nan in (False, False, True):
+            opt.zero_grad()
+            x = torch.randn(8, 4)
+            if nan:
+                x[0] = math.nan
+            loss = compiled(x).sum() + 0.1 * model(torch.randn(8, 4)).sum()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+            assert mon._call_watch is None and model._forward_hooks
+        flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+    assert flags.iloc[2].tolist() == [1.0, 1.0]
+
+
+def test_a_pre_hook_added_under_the_watch_hands_the_check_back_to_the_hook(quiet: dict[str, Any]) -> None:
+    """The watch sees the arguments as passed; a forward pre-hook may change them before the model
+    does (here it cleans the NaN out). The step that finds one is not checked, and the hook, which
+    sees what the model saw, takes over."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradscope.Monitor(model, opt, activation_every=0, check_outputs=True, **quiet) as mon:
+            for _ in range(2):
+                _step(model, opt, mon, nan=False)
+            assert mon._call_watch is not None
+            model.register_forward_pre_hook(lambda module, args: (torch.nan_to_num(args[0]),))
+            for _ in range(4):  # steps 2-5: NaN batches, cleaned before the model sees them
+                _step(model, opt, mon, nan=True)
+            assert mon._call_watch is None and model._forward_hooks
+            flags = mon.run.metric("output_nonfinite")[["(input)", "(output)"]]
+    assert flags.iloc[2].isna().all()
+    assert flags.iloc[3:].to_numpy().tolist() == [[0.0, 0.0]] * 3
+
+
+def test_each_silent_stretch_is_warned(quiet: dict[str, Any]) -> None:
+    """Two steps that evaluate only warn once; when training forwards reach the model again and a
+    compiled model later runs around it, that is warned too."""
+    torch._dynamo.reset()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.Monitor(model, opt, activation_every=0, **quiet) as mon:
+        for _ in range(2):
+            _step(model, opt, mon, nan=False)  # steps 0, 1
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+        mon.step(1.0)  # step 2
+        with pytest.warns(RuntimeWarning, match="at steps 2 and 3"):
+            mon.step(1.0)  # step 3
+        for _ in range(2):
+            _step(model, opt, mon, nan=False)  # steps 4, 5: the check is back
+        compiled = torch.compile(model, backend="aot_eager")
+        _step(compiled, opt, mon, nan=False)  # step 6
+        with pytest.warns(RuntimeWarning, match="at steps 6 and 7"):
+            _step(compiled, opt, mon, nan=False)  # step 7
