@@ -157,8 +157,7 @@ class _Loop:
             # that no watch takes over from it either (the input batch and output are then never
             # checked). A measurement only; gradscope has no such setting.
             self.monitor = gradscope.Monitor(self.model, self.opt, log_dir=log_root / variant)
-            for handle in self.monitor._handles:
-                handle.remove()
+            self.monitor._unhook_model()
         elif variant == "per_step_only":
             self.monitor = gradscope.Monitor(
                 self.model, self.opt, log_dir=log_root / "per_step_only", activation_every=0, update_every=0, on_finding=None

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-__all__ = ["CallWatch", "CopySafeHook", "InertHook", "watch_calls"]
+__all__ = ["CallWatch", "CopySafeHook", "InertHook", "has_pre_hooks", "watch_calls"]
 
 
 class InertHook:
@@ -186,6 +186,12 @@ def _accelerator_count() -> int:
         return 2
 
 
+def has_pre_hooks(module: nn.Module) -> bool:
+    """Whether a forward pre-hook, of ``module`` or of every module, runs before its forward: it may
+    change the arguments, which a :class:`CallWatch` sees as they were passed."""
+    return bool(module._forward_pre_hooks or module_globals._global_forward_pre_hooks)
+
+
 def _has_hooks(module: nn.Module) -> bool:
-    own = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    return bool(own or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
+    own = module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
+    return bool(own or module_globals._global_forward_hooks or has_pre_hooks(module))

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_pre_hooks
 from torch.utils.hooks import RemovableHandle
 
 from gradscope._version import __version__
@@ -34,7 +33,7 @@ from gradscope.collect import stats
 from gradscope.collect.cadence import DEFAULT_ACTIVATIONS, DEFAULT_UPDATES, Cadence
 from gradscope.collect.distributed import DistributedContext, refuse_sharded_parameters
 from gradscope.collect.held import HeldValues
-from gradscope.collect.hooks import CallWatch, CopySafeHook, watch_calls
+from gradscope.collect.hooks import CallWatch, CopySafeHook, has_pre_hooks, watch_calls
 from gradscope.collect.layout import ModelLayout, describe_optimizer
 from gradscope.errors import InvalidInputError, TrainingFailure, expect_int
 from gradscope.findings import Finding
@@ -348,10 +347,10 @@ class Monitor:
         # the header and take part in the flush collective.
         writes = self._dist is None or self._dist.is_writer
         self._writer = RunWriter(log_dir if writes else None, overwrite=overwrite)
-        self._handles: list[RemovableHandle | CallWatch] = []
         # The model's own forward is watched by a forward hook until a step's training forward runs it
         # eagerly, then by a CallWatch, which costs a fraction of a hook on every call (see
-        # _watch_model_calls); back on the hook whenever a step's forward misses the watch.
+        # _watch_model_calls); back on the hook whenever a step's forward misses the watch. The
+        # handle is whichever is on; _call_watch is the watch when it is.
         self._model_handle: RemovableHandle | CallWatch | None = None
         self._call_watch: CallWatch | None = None
         self._watch_wanted = True  # on the hook, and a watch may take over (False under a watch, or where unsafe)
@@ -559,30 +558,35 @@ class Monitor:
 
     def _attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self._attach_module_hooks()  # step 0 always: it gives the forward order
-        self._model_handle = model.register_forward_hook(CopySafeHook(self._model_hook))
-        self._handles.append(self._model_handle)
+        self._hook_model(model)
         self._update_optimizer_hooks()
+
+    def _hook_model(self, model: nn.Module) -> None:
+        """The model's forward hook, in place of whatever watched its forward before."""
+        self._unhook_model()
+        self._model_handle = model.register_forward_hook(CopySafeHook(self._model_hook))
+
+    def _unhook_model(self) -> None:
+        """Take the model's forward hook or watch off."""
+        if self._model_handle is not None:
+            self._model_handle.remove()
+        self._model_handle = self._call_watch = None
 
     def _watch_model_calls(self) -> None:
         """After a step whose training forward ran the model's hook eagerly: the hook gives way to a
         :class:`CallWatch`, which runs the same checks at ~a fifth of its cost per forward. Never with
         a GradScaler (a forward the watch missed would misread the scaler's stage: see
         _note_scale_version), nor where :func:`watch_calls` finds it unsafe: the hook then stays."""
-        model, handle = self._model, self._model_handle
-        if model is None or handle is None or self._grad_scaler is not None:
-            self._watch_wanted = False
+        self._watch_wanted = False
+        model = self._model
+        if model is None or self._model_handle is None or self._grad_scaler is not None:
             return
-        self._handles.remove(handle)
-        handle.remove()  # first: watch_calls wants a module without hooks
+        self._unhook_model()  # first: watch_calls wants a module without hooks
         watch = watch_calls(model, self._model_hook)
         if watch is None:
-            self._watch_wanted = False
-            self._model_handle = model.register_forward_hook(CopySafeHook(self._model_hook))
-            self._handles.append(self._model_handle)
-            return
-        self._handles.append(watch)
-        self._model_handle = self._call_watch = watch
-        self._watch_wanted = False
+            self._hook_model(model)
+        else:
+            self._model_handle = self._call_watch = watch
 
     def _model_forward_missed(self, step: int) -> bool:
         """No training forward of the model reached its hook or watch since the last step(): the
@@ -598,14 +602,9 @@ class Monitor:
         misses the hook too, to warn once that the checks are off."""
         self._held_forward = None
         self._io_unseen = 3  # neither the input batch nor the output found: not checked
-        watch = self._call_watch
-        if watch is not None:
+        if self._call_watch is not None:
             assert self._model is not None
-            self._handles.remove(watch)
-            watch.remove()
-            self._call_watch = None
-            self._model_handle = self._model.register_forward_hook(CopySafeHook(self._model_hook))
-            self._handles.append(self._model_handle)
+            self._hook_model(self._model)
             self._watch_wanted = True
             self._hook_trial_step = step + 1
             return False
@@ -616,8 +615,7 @@ class Monitor:
         installed. A pre-hook may change the arguments, and the watch sees them as they were passed
         where a forward hook sees them changed: that step is not checked, and the hook takes over
         for good (:func:`watch_calls` refuses a module with hooks)."""
-        model = self._model
-        return model is not None and bool(model._forward_pre_hooks or _global_forward_pre_hooks)
+        return self._model is not None and has_pre_hooks(self._model)
 
     def _report_silent_model_hook(self, step: int) -> None:
         self._model_hook_silence_reported = True
@@ -637,10 +635,7 @@ class Monitor:
         for handle in self._optimizer_handles:
             handle.remove()
         self._optimizer_handles = []
-        for model_handle in self._handles:
-            model_handle.remove()
-        self._handles.clear()
-        self._model_handle = self._call_watch = None  # a watch holds the model's call
+        self._unhook_model()  # a watch holds the model's call
 
     # Hooks on every watched module run only on the steps that need them (sampled steps, or every
     # step with check_outputs=True): a module with no hook takes PyTorch's fast call path, so the
