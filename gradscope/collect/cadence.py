@@ -60,6 +60,16 @@ class Cadence:
         k = self.spacing(step)
         return k > 0 and step % k == 0
 
+    def next_due(self, step: int) -> int | None:
+        """The first sampled step from ``step`` on (None: none is)."""
+        if step < self.early_steps and self.early_every:
+            due = -(-step // self.early_every) * self.early_every  # the next multiple
+            if due < self.early_steps:
+                return due
+        if not self.every:
+            return None
+        return -(-max(step, self.early_steps) // self.every) * self.every
+
     def due_steps(self, steps: np.ndarray) -> np.ndarray:
         """``due`` for an array of steps."""
         steps = np.asarray(steps)

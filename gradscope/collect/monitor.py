@@ -312,6 +312,9 @@ class Monitor:
         self._snapshot_valid = False
 
         self._step = 0  # the next step to record
+        # Steps before this one may be recorded by the short path of step() (see _record_plain_step);
+        # set by each step that takes the full path, 0 until one does.
+        self._plain_end = 0
         # Whether step 0 is being recorded. The hooks read this flag, never the step count: under
         # torch.compile the hooks are compiled in, and a compiled graph is guarded on the values
         # they read (a step count would recompile the model on every sampled step).
@@ -871,6 +874,9 @@ class Monitor:
     def _record_step(self, loss: torch.Tensor | float | None) -> None:
         step = self._step
         now = time.perf_counter()
+        if step < self._plain_end and self._record_plain_step(step, now, loss):
+            return
+        self._plain_end = 0  # until this step completes
         self._step_clock.append(now)
         if self._optimizer is None:
             self._measure_update_without_optimizer()  # before the flush that writes the previous step
@@ -890,8 +896,7 @@ class Monitor:
             finally:
                 torch._C._set_grad_enabled(grad_was_enabled)
             if self._optimizer is not None:
-                # a tensor learning rate is copied: schedulers update it in place (fill_)
-                self._host_lr.append([lr if type(lr := g["lr"]) is float else _kept(lr) for g in self._optimizer.param_groups])
+                self._host_lr.append(self._current_learning_rates(self._optimizer))
             if step == 0:
                 self._record_forward_order()
             if loss is None:
@@ -946,6 +951,83 @@ class Monitor:
             self._report_silent_model_hook(step - 1)
         if not self._all_grads_last_step and not self._replaced_params_checked:
             self._report_replaced_parameters()
+        self._plain_end = self._plain_steps_end(step)
+
+    # Most steps of a run on the CPU record a finite loss, read the gradient norms, and change
+    # nothing else: no write, no sampled measurement, no hook to attach or take off, no input or
+    # output to sum. The full path above asks about each of those on every step. In the 0.6 ms MLP
+    # step of benchmarks.overhead, where its ~40 checks run cold after the backward pass, that cost
+    # ~13 µs beyond the gradient read; the short path costs ~9. Such "plain" steps take the short
+    # path, whose state changes are exactly the full path's for them (tests/collect/test_plain_steps.py).
+    # Each step on the full path works out how far ahead the steps that can be plain go, from the
+    # settings and cadences; each plain step checks the rest, which can change between two steps.
+
+    def _plain_steps_end(self, step: int) -> int:
+        """The first step from ``step`` on that must take the full path of step() (``step`` when
+        every step must). A step is plain only on the CPU, with an optimizer and no GradScaler, the
+        input/output check on demand and every setting that does something at each step off; and
+        only where neither it nor the step after it is sampled, the update's optimizer hooks are
+        not added or removed after it, and no write falls on it."""
+        if not (
+            self._io_on_demand  # on the CPU, one process, check_outputs off
+            and self._grads_read_into is not None
+            and self._grads_via_numpy
+            and self._all_grads_last_step
+            and self._optimizer is not None
+            and self._grad_scaler is None
+            and self._loss_given
+            and not self._first_step
+            and not self._watch_wanted
+            and not self._model_hook_silence_reported
+            and not (self._module_handles and not self._hooks_compiled_in)
+        ):
+            return step
+        end = self._base + self.flush_every  # a write by the step count
+        # The step before a sampled one adds the module hooks at its end; the sampled one measures.
+        sampled = self.activation_cadence.next_due(step)
+        if sampled is not None:
+            end = min(end, max(step, sampled - 1))
+        # The optimizer hooks are added or removed at the end of the steps just before, at and just
+        # after a measured update (_update_optimizer_hooks).
+        measured = self.update_cadence.next_due(max(step - 1, 0))
+        if measured is not None:
+            end = min(end, max(step, measured - 1))
+        return end
+
+    def _record_plain_step(self, step: int, now: float, loss: torch.Tensor | float | None) -> bool:
+        """Record a step on the short path, if it is plain (see _plain_steps_end, which has checked
+        what it can ahead of time): a finite loss on the host, the one training forward of the step
+        kept by the model's check (so no other input or output to sum, and none to sum now), no
+        write due by the clock, and every gradient read through numpy. False, with nothing changed,
+        when it is not: the full path records it."""
+        if (
+            type(loss) is not float
+            or not math.isfinite(loss)
+            or self._held_forward is None
+            or self._io_sums
+            or now >= self._flush_deadline
+            or (self._call_watch is not None and self._model_gained_pre_hooks())
+        ):
+            return False
+        row = step - self._base
+        if not self._read_gradient_norms_through_numpy(self._grad_rows[row]):
+            return False
+        assert self._optimizer is not None  # see _plain_steps_end
+        learning_rates = self._current_learning_rates(self._optimizer)
+        self._step_clock.append(now)
+        self._io_unchecked.append(row)  # the loss is finite: the input batch and output are not summed
+        self._host_loss[row] = loss
+        self._host_lr.append(learning_rates)
+        self._held_forward = None
+        self._io_unseen = 0
+        self._module_hook_ran = self._model_forward_seen = self._forward_since_step = False
+        self._step = step + 1
+        return True
+
+    @staticmethod
+    def _current_learning_rates(optimizer: torch.optim.Optimizer) -> list[Any]:
+        # a tensor learning rate is copied: schedulers update it in place (fill_)
+        return [lr if type(lr := g["lr"]) is float else _kept(lr) for g in optimizer.param_groups]
 
     def _model_is_compiled(self) -> bool:
         """Whether the model, or part of it, runs compiled with hooks inside the graph: handed over
@@ -1159,40 +1241,43 @@ class Monitor:
         self._write(sums, self._buf[row, self._c_watched : self._c_pnorm])
 
     def _read_gradient_norms(self, out: np.ndarray, row: int) -> None:
-        """On the CPU: each tracked parameter's gradient norm, read into ``out`` (a view of the row).
+        """On the CPU: each tracked parameter's gradient norm, read into ``out`` (a view of the row)."""
+        if not self._read_gradient_norms_through_numpy(out):
+            out[:] = [norm.item() for norm in self._gradient_norms(row)]
 
-        Gradients in float32 or float64 are read through numpy, one BLAS dot product each: in a
+    def _read_gradient_norms_through_numpy(self, out: np.ndarray) -> bool:
+        """Gradients in float32 or float64 are read through numpy, one BLAS dot product each: in a
         training loop that is ~5 µs less per step than ``torch._foreach_norm`` and a read of each
         norm on the 0.6 ms MLP, and less on every workload of ``benchmarks.overhead`` (torch's
         foreach ops are a loop over the tensors on the CPU too, and each op there runs cold). It
-        also sums more accurately. A step with a missing gradient takes the general path; a sparse
-        or half-precision gradient (a model cast after the Monitor was created) turns it off."""
-        if self._grads_via_numpy and self._all_grads_last_step:
-            try:
-                grads = [p.grad.numpy() for p in self._params]  # type: ignore[union-attr]
-            except AttributeError:  # a missing gradient (None): found without a scan of the list each step
-                pass
-            except (RuntimeError, TypeError):  # sparse or bfloat16 (TypeError), a negative view (RuntimeError)
-                self._grads_via_numpy = False
-            else:
-                float64 = False
-                for g in grads:
-                    kind = g.dtype.char
-                    if kind == "d":
-                        float64 = True
-                    elif kind != "f":
-                        self._grads_via_numpy = False  # float16: numpy would sum its squares in float16
-                        break
-                else:
-                    squares = [np.vdot(g, g) for g in grads]  # each in its gradient's dtype, as torch sums them
-                    if float64:  # the root first: a float64 square may not fit in float32 where its root does
-                        with np.errstate(over="ignore"):  # a norm past float32's range is stored as inf
-                            out[:] = np.sqrt(squares)
-                    else:
-                        out[:] = squares
-                        np.sqrt(out, out=out)
-                    return
-        out[:] = [norm.item() for norm in self._gradient_norms(row)]
+        also sums more accurately. False when they cannot be, with ``out`` untouched: a step with a
+        missing gradient takes the general path; a sparse or half-precision gradient (a model cast
+        after the Monitor was created) turns this path off."""
+        if not (self._grads_via_numpy and self._all_grads_last_step):
+            return False
+        try:
+            grads = [p.grad.numpy() for p in self._params]  # type: ignore[union-attr]
+        except AttributeError:  # a missing gradient (None): found without a scan of the list each step
+            return False
+        except (RuntimeError, TypeError):  # sparse or bfloat16 (TypeError), a negative view (RuntimeError)
+            self._grads_via_numpy = False
+            return False
+        float64 = False
+        for g in grads:
+            kind = g.dtype.char
+            if kind == "d":
+                float64 = True
+            elif kind != "f":
+                self._grads_via_numpy = False  # float16: numpy would sum its squares in float16
+                return False
+        squares = [np.vdot(g, g) for g in grads]  # each in its gradient's dtype, as torch sums them
+        if float64:  # the root first: a float64 square may not fit in float32 where its root does
+            with np.errstate(over="ignore"):  # a norm past float32's range is stored as inf
+                out[:] = np.sqrt(squares)
+        else:
+            out[:] = squares
+            np.sqrt(out, out=out)
+        return True
 
     def _gradient_norms(self, row: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """Each tracked parameter's gradient norm; 0 where it has no gradient, marked in ``_host_missing``."""

@@ -41,6 +41,17 @@ def test_the_array_form_agrees_with_the_step_form(cadence: Cadence) -> None:
     assert cadence.due_steps(steps).tolist() == [cadence.due(int(s)) for s in steps]
 
 
+@pytest.mark.parametrize(
+    "cadence",
+    [DEFAULT_ACTIVATIONS, DEFAULT_UPDATES, Cadence.fixed(1), Cadence.fixed(7), Cadence.fixed(0), Cadence(0, 30, 900)],
+    ids=["activations", "updates", "every_step", "every_7th", "never", "early_only"],
+)
+def test_the_next_sampled_step_is_the_first_due_from_a_step_on(cadence: Cadence) -> None:
+    due = _due(cadence, range(2700))
+    for step in range(2500):
+        assert cadence.next_due(step) == next((d for d in due if d >= step), None), step
+
+
 def test_a_switch_off_a_sampled_step_is_refused() -> None:
     with pytest.raises(ValueError, match="must fall on a sampled step"):
         Cadence(every=300, early_every=50, early_steps=1000)

@@ -504,7 +504,16 @@ def test_losses_held_on_a_device_land_in_their_rows_with_gaps_and_a_retried_step
     ):
         # the fourth step is given a device loss: it fails after holding everything
         record = mon._record_loss_gradients_and_outputs
-        mon._record_loss_gradients_and_outputs = _failing_on_call(4, record, after=True)  # type: ignore[method-assign]
+        failed = False
+
+        def fourth_step_fails(*args: Any) -> None:
+            nonlocal failed
+            record(*args)
+            if mon._step == 3 and not failed:
+                failed = True
+                raise RuntimeError("injected")
+
+        mon._record_loss_gradients_and_outputs = fourth_step_fails  # type: ignore[method-assign]
         for i in range(20):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x) * (1 + i), y)  # a new value every step
