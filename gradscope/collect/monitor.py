@@ -387,6 +387,12 @@ class Monitor:
         nothing (the loss also decides whether the input batch and the output are checked: see
         ``check_outputs``).
         """
+        if self._step < self._plain_end:  # most steps (see _record_plain_step)
+            try:
+                if self._record_plain_step(loss):
+                    return
+            except Exception:
+                pass  # it changed nothing: the full path records the step, and reports what fails there
         if self._closed:
             raise InvalidInputError("step() called after the Monitor was closed; create a new Monitor for a new run")
         loss_value = _check_loss(loss)
@@ -447,6 +453,7 @@ class Monitor:
             self._internal_error("close", e)  # re-raises TrainingFailure and, when strict, everything
         finally:
             self._closed = True
+            self._plain_end = 0  # step() now refuses
             self._detach()
             # A run that lost writes is not complete, whatever ended it: readers mark it partial.
             final = "incomplete" if self._write_failed and status == "complete" else status
@@ -874,8 +881,6 @@ class Monitor:
     def _record_step(self, loss: torch.Tensor | float | None) -> None:
         step = self._step
         now = time.perf_counter()
-        if step < self._plain_end and self._record_plain_step(step, now, loss):
-            return
         self._plain_end = 0  # until this step completes
         self._step_clock.append(now)
         if self._optimizer is None:
@@ -994,21 +999,23 @@ class Monitor:
             end = min(end, max(step, measured - 1))
         return end
 
-    def _record_plain_step(self, step: int, now: float, loss: torch.Tensor | float | None) -> bool:
+    def _record_plain_step(self, loss: torch.Tensor | float | None) -> bool:
         """Record a step on the short path, if it is plain (see _plain_steps_end, which has checked
-        what it can ahead of time): a finite loss on the host, the one training forward of the step
-        kept by the model's check (so no other input or output to sum, and none to sum now), no
-        write due by the clock, and every gradient read through numpy. False, with nothing changed,
-        when it is not: the full path records it."""
-        if (
-            type(loss) is not float
-            or not math.isfinite(loss)
-            or self._held_forward is None
-            or self._io_sums
-            or now >= self._flush_deadline
-            or (self._call_watch is not None and self._model_gained_pre_hooks())
-        ):
+        what it can ahead of time): a finite loss on the host, given as a CPU tensor or a float; the
+        one training forward of the step kept by the model's check (so no other input or output to
+        sum, and none to sum now); no write due by the clock; and every gradient read through numpy.
+        False, with nothing changed, when it is not: the full path records it. Called by step()
+        first, before the full path's checks of its argument: anything unusual goes there."""
+        if type(loss) is torch.Tensor:
+            if not (loss.is_cpu and loss.numel() == 1):
+                return False
+            loss = loss.item()
+        if type(loss) is not float or not math.isfinite(loss) or self._held_forward is None or self._io_sums:
             return False
+        now = time.perf_counter()
+        if now >= self._flush_deadline or (self._call_watch is not None and has_pre_hooks(self._model)):  # type: ignore[arg-type]
+            return False  # a write due, or a pre-hook added under the watch (see _model_gained_pre_hooks)
+        step = self._step
         row = step - self._base
         if not self._read_gradient_norms_through_numpy(self._grad_rows[row]):
             return False

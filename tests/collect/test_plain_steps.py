@@ -99,8 +99,9 @@ def test_a_run_with_plain_steps_stores_what_the_full_path_stores(
     plain_states: list[dict[str, Any]] = []
     full_states: list[dict[str, Any]] = []
 
-    def counted(self: gradscope.Monitor, step: int, now: float, loss: Any) -> bool:
-        recorded = plain(self, step, now, loss)
+    def counted(self: gradscope.Monitor, loss: Any) -> bool:
+        step = self._step
+        recorded = plain(self, loss)
         if recorded:
             taken.append(step)
         return recorded
