@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -64,11 +65,32 @@ def test_the_what_if_variants_each_take_one_part_off_the_default() -> None:
         monitors = {v: loop.monitor for v, loop in loops.items()}
         assert all(m is not None for m in monitors.values())
         assert monitors["without_live_detection"]._detects_live is False  # type: ignore[union-attr]
-        assert not loops["without_model_hook"].model._forward_hooks and loops["without_live_detection"].model._forward_hooks
         for loop in loops.values():
             loop.close()
     result = overhead.measure(overhead.WORKLOADS[0], blocks=2, steps_per_block=3, warmup=3, variants=variants)
     assert set(result.above_floor) == set(overhead.WHAT_IF)
+
+
+def test_a_copy_writes_by_its_own_training_time_not_the_other_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interleaved, the wall clock would count the other copies' blocks as a copy's own training:
+    its timed writes would come as often as the number of copies makes them. The time between a
+    copy's blocks does not count."""
+    with tempfile.TemporaryDirectory() as tmp:
+        loop = overhead._Loop(overhead.WORKLOADS[0], "default", Path(tmp))
+        monitor = loop.monitor
+        assert monitor is not None
+        g = torch.Generator().manual_seed(0)
+        loop.run(3, g)  # step 0 writes nothing; the next write is due by the clock in flush_seconds
+        monitor.flush_seconds = 0.3
+        monitor._flush_deadline = time.perf_counter() + 0.3
+        time.sleep(0.4)  # the other copies' blocks
+        loop.run(3, g)
+        assert monitor._base == 0, "the time between blocks counted as training: a timed write happened"
+        time.sleep(0.4)
+        loop.paused_at = None  # without the pause the same wait makes the next block write
+        loop.run(3, g)
+        assert monitor._base > 0
+        loop.close()
 
 
 def test_the_default_is_timed_past_its_denser_first_steps_and_beside_them() -> None:
