@@ -4,10 +4,12 @@ A sample costs far more than the per-step recording: hooks on every watched modu
 reductions per module, a copy of every parameter. Its cost is nearly fixed per sample, so on a
 fast model it is a large share of a step. By default the first steps of a run, where most failures
 start (initialisation, warm-up) and where short debugging runs end, are sampled four times as
-often as the rest: activation statistics every 50 steps for the first 1,000, then every 200;
-updates every 25, then every 100. On the 0.6 ms-step MLP of ``benchmarks.overhead`` the samples
-cost ~3 points of its step time at the early spacing and under 1 at the later one (see
-docs/performance.md). A number given to the Monitor is a fixed spacing from step 0.
+often as the rest (updates eight times): activation statistics every 50 steps for the first
+1,000, updates every 25; after them both every 200, on the same steps, where one sampled step's
+cold caches and full path of ``step()`` serve both. On the 0.6 ms-step MLP of
+``benchmarks.overhead`` the samples cost ~3 points of its step time at the early spacing and about
+half a point at the later one (see docs/performance.md). A number given to the Monitor is a fixed
+spacing from step 0.
 """
 
 from __future__ import annotations
@@ -85,6 +87,6 @@ class Cadence:
 
 
 # The Monitor's defaults: activation statistics every 50 steps, then every 200; updates every 25,
-# then every 100.
+# then every 200.
 DEFAULT_ACTIVATIONS = Cadence.default(50, 200)
-DEFAULT_UPDATES = Cadence.default(25, 100)
+DEFAULT_UPDATES = Cadence.default(25, 200)

@@ -91,9 +91,10 @@ class Monitor:
             ``gradscope.collect.cadence``). On CPU this keeps one float32 work buffer the size of
             the largest activation.
         update_every: measure ‖Δθ‖ and ‖θ‖ every this many steps (0: never). By default (``None``)
-            every 25 steps for the first 1,000 steps, then every 100: the update/weight ratio drifts slowly,
-            and each measurement copies every parameter and reads it three more times. Holds one
-            copy of the parameters in memory.
+            every 25 steps for the first 1,000 steps, then every 200, on the steps whose activation
+            statistics are sampled: the update/weight ratio drifts slowly, and each measurement
+            copies every parameter and reads it three more times. Holds one copy of the parameters
+            in memory.
         check_outputs: look for NaN/Inf in every watched module's output, the input batch and the
             model's output on every step (one ``sum`` each, an extra read of every activation), so
             a non-finite value can be traced to the exact module that made it. Off by default:
