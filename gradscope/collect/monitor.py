@@ -45,8 +45,10 @@ __all__ = ["Monitor", "OnFinding"]
 
 OnFinding = str | Callable[[Finding], Any] | None
 
-# The share of training time live detection may use (see Monitor's ``detect_every``).
+# The share of training time live detection may use, and the least training time between two of
+# its runs (see Monitor's ``detect_every``).
 LIVE_DETECTION_SHARE = 0.01
+LIVE_DETECTION_SECONDS = 10.0
 
 
 class _LiveAction(enum.Enum):
@@ -108,10 +110,11 @@ class Monitor:
             ``"raise"`` (raise :class:`gradscope.TrainingFailure` on the first error), a callable
             taking the :class:`Finding`, or ``None`` (no live detection).
         detect_every: steps between live detector runs. By default detection runs after a flush
-            once the steps trained since its last run took 99× as long as that run did (at the
-            median step time, so pauses for evaluation or other work do not count), so it uses about
-            1% of training time: nearly free on fast models, after every flush on slow ones. The
-            first NaN/Inf in the loss or gradients is checked at the next flush whatever the budget.
+            once the steps trained since its last run took 10 s, and 99× as long as that run did
+            (at the median step time, so pauses for evaluation or other work do not count): a
+            finding comes within ~10 s of training, and detection uses at most 1% of training time
+            (~0.2% where a run takes ~15 ms, as on small models). The first NaN/Inf in the loss or
+            gradients is checked at the next flush whatever the budget.
         live_window: live detection reads the first ``live_window`` steps and the last
             ``live_window`` steps of the run, never the whole history, so its cost stays constant.
         select, ignore: detector codes to run (or skip) live, as a list or one string ``"a,b"``; an
@@ -963,7 +966,7 @@ class Monitor:
     # nothing else: no write, no sampled measurement, no hook to attach or take off, no input or
     # output to sum. The full path above asks about each of those on every step. In the 0.6 ms MLP
     # step of benchmarks.overhead, where its ~40 checks run cold after the backward pass, that cost
-    # ~13 µs beyond the gradient read; the short path costs ~9. Such "plain" steps take the short
+    # ~13 µs beyond the gradient read; the short path costs ~8. Such "plain" steps take the short
     # path, whose state changes are exactly the full path's for them (tests/collect/test_plain_steps.py).
     # Each step on the full path works out how far ahead the steps that can be plain go, from the
     # settings and cadences; each plain step checks the rest, which can change between two steps.
@@ -1650,9 +1653,12 @@ class Monitor:
         if nonfinite or self._detect_cost is None:
             return True
         # Budget: detection may use LIVE_DETECTION_SHARE of training time (1%), so it runs again once
-        # the steps trained since its last run took 99× its cost. Re-evaluated at every flush with
-        # the current step time.
-        wait = (1 - LIVE_DETECTION_SHARE) / LIVE_DETECTION_SHARE * self._detect_cost
+        # the steps trained since its last run took 99× its cost, and LIVE_DETECTION_SECONDS (10 s)
+        # at least. A run costs ~15 ms on a small model, so by the share alone it came every ~1.5 s:
+        # more often than any finding needs (a first NaN/Inf is checked at once, above), and the
+        # cold caches it leaves made it cost more than its share.
+        # Re-evaluated at every flush with the current step time.
+        wait = max((1 - LIVE_DETECTION_SHARE) / LIVE_DETECTION_SHARE * self._detect_cost, LIVE_DETECTION_SECONDS)
         return (step - self._last_detect) * self._step_seconds >= wait
 
     def _detect_live(self) -> None:

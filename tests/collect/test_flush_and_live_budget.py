@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -124,6 +125,7 @@ def test_an_early_write_after_one_step_does_not_stall_live_detection(
     """A write right after step 0 (user code reading ``monitor.run``) has no step time yet: the
     budget is re-read at every write with the current step time, so detection still comes back."""
     monkeypatch.setattr(monitor_module, "LIVE_DETECTION_SHARE", 0.5)  # wait 1× the cost, to keep the test short
+    monkeypatch.setattr(monitor_module, "LIVE_DETECTION_SECONDS", 0.0)
     model, opt = _model()
     with gradscope.Monitor(model, opt, log_dir=tmp_path, flush_every=50, on_finding=lambda f: None) as mon:
         _step(model, opt, mon)
@@ -132,3 +134,34 @@ def test_an_early_write_after_one_step_does_not_stall_live_detection(
             _step(model, opt, mon)
         # ~20-40 ms of detection at ~0.3-1 ms a step: another run every ~100 steps at this share
         assert len(slow_detection) >= 3
+
+
+def test_live_detection_waits_for_its_least_training_time_between_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However cheap a run is, the next waits for LIVE_DETECTION_SECONDS of training: findings come
+    that late at most, and detection's share of a fast loop stays small. (Here 0.25 s, with the
+    share set to wait only 1× the run's cost.)"""
+    monkeypatch.setattr(monitor_module, "LIVE_DETECTION_SHARE", 0.5)
+    runs: list[float] = []
+    real = registry.diagnose_live
+
+    def diagnose_live(run: gradscope.Run, **options: Any) -> Any:
+        runs.append(time.perf_counter())
+        return real(run, **options)
+
+    monkeypatch.setattr(registry, "diagnose_live", diagnose_live)
+    model, opt = _model()
+    for least in (0.0, 0.25):
+        monkeypatch.setattr(monitor_module, "LIVE_DETECTION_SECONDS", least)
+        runs.clear()
+        with gradscope.Monitor(model, opt, flush_every=10, on_finding=lambda f: None) as mon:
+            started = time.perf_counter()
+            while time.perf_counter() - started < 1.0:
+                _step(model, opt, mon)
+            live = list(runs)
+        gaps = np.diff(live)
+        if least:
+            assert 2 <= len(live) <= 5 and gaps.min() >= 0.8 * least  # training time is the loop's whole time here
+        else:
+            assert len(live) > 10  # by the share alone, a run every few writes
