@@ -1026,13 +1026,17 @@ class Monitor:
         assert self._optimizer is not None  # see _plain_steps_end
         learning_rates = self._current_learning_rates(self._optimizer)
         self._step_clock.append(now)
-        self._io_unchecked.append(row)  # the loss is finite: the input batch and output are not summed
-        self._host_loss[row] = loss
-        self._host_lr.append(learning_rates)
-        self._held_forward = None
-        self._io_unseen = 0
-        self._module_hook_ran = self._model_forward_seen = self._forward_since_step = False
-        self._step = step + 1
+        try:  # as on the full path: an interrupt (Ctrl-C) midway must not leave half a step behind
+            self._io_unchecked.append(row)  # the loss is finite: the input batch and output are not summed
+            self._host_loss[row] = loss
+            self._host_lr.append(learning_rates)
+            self._held_forward = None
+            self._io_unseen = 0
+            self._module_hook_ran = self._model_forward_seen = self._forward_since_step = False
+            self._step = step + 1
+        except BaseException:
+            self._forget_unrecorded(step)
+            raise
         return True
 
     @staticmethod

@@ -8,6 +8,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -152,3 +153,37 @@ def test_a_write_due_by_the_clock_happens_on_a_plain_step(tmp_path: Any, quiet: 
             opt.step()
             if step == 10:
                 assert gradscope.load(tmp_path).n_steps == 10  # ... and it wrote the steps before it
+
+
+def test_an_interrupt_midway_through_a_plain_step_leaves_nothing_of_it(quiet: dict[str, Any]) -> None:
+    """A KeyboardInterrupt that lands inside the short path, caught by the loop, which calls step()
+    again: the step is recorded once, and every later step keeps its own learning rate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+    given: list[float] = []
+    with gradscope.Monitor(model, opt, flush_every=16, flush_seconds=None, **quiet) as mon:
+        for step in range(40):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            if step == 30:
+                assert step < mon._plain_end  # a plain step
+
+                class Interrupted(list):  # the interrupt lands right after the step's lr is kept
+                    def append(self, value: Any) -> None:
+                        mon._host_lr = [*self, value]  # once
+                        raise KeyboardInterrupt
+
+                mon._host_lr = Interrupted(mon._host_lr)
+                with pytest.raises(KeyboardInterrupt):
+                    mon.step(loss)
+            mon.step(loss)
+            given.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+        run = mon.run
+    assert run.n_steps == 40
+    np.testing.assert_allclose(run.lr, given)
+    assert len(mon._step_clock) <= 1 + 40 - 32  # the steps since the last write, and the one before
