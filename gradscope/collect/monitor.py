@@ -1019,12 +1019,12 @@ class Monitor:
         now = time.perf_counter()
         if now >= self._flush_deadline or (self._call_watch is not None and has_pre_hooks(self._model)):  # type: ignore[arg-type]
             return False  # a write due, or a pre-hook added under the watch (see _model_gained_pre_hooks)
+        assert self._optimizer is not None  # see _plain_steps_end
+        learning_rates = self._current_learning_rates(self._optimizer)  # first: it may raise
         step = self._step
         row = step - self._base
-        if not self._read_gradient_norms_through_numpy(self._grad_rows[row]):
+        if not self._read_gradient_norms_through_numpy(self._grad_rows[row]):  # writes the row only if it reads
             return False
-        assert self._optimizer is not None  # see _plain_steps_end
-        learning_rates = self._current_learning_rates(self._optimizer)
         self._step_clock.append(now)
         try:  # as on the full path: an interrupt (Ctrl-C) midway must not leave half a step behind
             self._io_unchecked.append(row)  # the loss is finite: the input batch and output are not summed
